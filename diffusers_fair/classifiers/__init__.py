@@ -1,0 +1,3 @@
+from .base import AttributeClassifier
+
+__all__ = ["AttributeClassifier"]

@@ -20,6 +20,8 @@ def bias_score(frequencies) -> float:
     if freqs.numel() < 2:
         raise ValueError(f"`frequencies` needs at least two classes, got {freqs.numel()}.")
     if (freqs < 0).any() or abs(float(freqs.sum()) - 1.0) > 1e-6:
-        raise ValueError(f"`frequencies` must be non-negative and sum to 1, got {freqs.tolist()} (sum {float(freqs.sum())}).")
+        raise ValueError(
+            f"`frequencies` must be non-negative and sum to 1, got {freqs.tolist()} (sum {float(freqs.sum())})."
+        )
     pairs = list(itertools.combinations(range(freqs.numel()), 2))
     return float(sum(abs(freqs[i] - freqs[j]) for i, j in pairs) / len(pairs))

@@ -1,3 +1,4 @@
 from .base import AttributeClassifier
+from .clip_zero_shot import CLIPZeroShotClassifier
 
-__all__ = ["AttributeClassifier"]
+__all__ = ["AttributeClassifier", "CLIPZeroShotClassifier"]

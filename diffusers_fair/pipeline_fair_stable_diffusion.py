@@ -230,32 +230,165 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
 
         grad_context = torch.no_grad() if gradient is None else contextlib.nullcontext()
         with grad_context:
-            return self._generate(
-                prompt=prompt,
-                height=height,
-                width=width,
-                num_inference_steps=num_inference_steps,
-                timesteps=timesteps,
-                sigmas=sigmas,
-                negative_prompt=negative_prompt,
-                num_images_per_prompt=num_images_per_prompt,
-                eta=eta,
-                generator=generator,
-                latents=latents,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                output_type=output_type,
-                return_dict=return_dict,
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                gradient=gradient,
-                biased_gradient_impl=biased_gradient_impl,
-                backprop_steps=backprop_steps,
-                backprop_generator=backprop_generator,
-                recompute_chunk_size=recompute_chunk_size,
-                return_original=return_original,
-                original_prompt=original_prompt,
-                original_prompt_embeds=original_prompt_embeds,
+            # 2. Define call parameters
+            if prompt is not None and isinstance(prompt, str):
+                batch_size = 1
+            elif prompt is not None and isinstance(prompt, list):
+                batch_size = len(prompt)
+            else:
+                batch_size = prompt_embeds.shape[0]
+            device = self._execution_device
+            scheduler = self._gradient_scheduler(gradient)
+
+            # 3. Encode input prompt (with a graph when a gradient is asked for)
+            user_negative_prompt_embeds = negative_prompt_embeds
+            prompt_embeds, negative_prompt_embeds = self._encode(
+                prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
+            )
+            conditioning = (
+                [negative_prompt_embeds, prompt_embeds] if self.do_classifier_free_guidance else [prompt_embeds]
+            )
+
+            # 3.1 The frozen model's conditioning for the original images: adapters off, no graph
+            original_conditioning = None
+            fuse_originals = return_original and not has_active_adapters(self.unet)
+            if return_original:
+                with torch.no_grad(), adapters_disabled(self.text_encoder):
+                    if original_prompt_embeds is None and original_prompt is None and prompt is not None:
+                        original_prompt = prompt
+                    # Given negative embeddings are used as they are; a negative prompt is encoded by the frozen model.
+                    original_negative = user_negative_prompt_embeds
+                    original_embeds, original_negative = self._encode(
+                        original_prompt,
+                        device,
+                        num_images_per_prompt,
+                        negative_prompt,
+                        original_prompt_embeds,
+                        None if original_negative is None else original_negative.detach(),
+                    )
+                original_conditioning = (
+                    [original_negative, original_embeds] if self.do_classifier_free_guidance else [original_embeds]
+                )
+
+            # 4-5. Prepare timesteps and latent variables
+            latents = self.prepare_latents(
+                batch_size * num_images_per_prompt,
+                self.unet.config.in_channels,
+                height,
+                width,
+                prompt_embeds.dtype,
+                device,
+                generator,
+                latents,
+            )
+            initial_latents = latents.detach()
+            extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+            # 6. Optionally get Guidance Scale Embedding
+            timestep_cond = None
+            if self.unet.config.time_cond_proj_dim is not None:
+                guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(
+                    batch_size * num_images_per_prompt
+                )
+                timestep_cond = self.get_guidance_scale_embedding(
+                    guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+                ).to(device=device, dtype=latents.dtype)
+
+            # 7. Denoising loop (the finetuned and, when fused, the original rows in the same U-Net batches)
+            rows = latents.shape[0]
+            if fuse_originals:
+                latents = torch.cat([initial_latents, initial_latents])
+                conditioning = [torch.cat([c, o]) for c, o in zip(conditioning, original_conditioning)]
+                if timestep_cond is not None:
+                    timestep_cond = torch.cat([timestep_cond, timestep_cond])
+            mode = gradient if gradient != "biased" else f"biased-{biased_gradient_impl}"
+            with torch.no_grad() if mode == "biased-recompute" else contextlib.nullcontext():
+                latents, recorded, step_timesteps = self._denoise(
+                    scheduler,
+                    latents,
+                    torch.cat(conditioning),
+                    num_inference_steps,
+                    timesteps,
+                    sigmas,
+                    device,
+                    extra_step_kwargs,
+                    timestep_cond,
+                    mode,
+                    callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
+                    record_rows=rows,
+                )
+            original_latents = None
+            if fuse_originals:
+                latents, original_latents = latents[:rows], latents[rows:].detach()
+                conditioning = [c[:rows] for c in conditioning]
+                if timestep_cond is not None:
+                    timestep_cond = timestep_cond[:rows]
+            elif return_original:
+                with torch.no_grad(), adapters_disabled(self.text_encoder, self.unet):
+                    original_latents, _, _ = self._denoise(
+                        scheduler,
+                        initial_latents,
+                        torch.cat(original_conditioning),
+                        num_inference_steps,
+                        timesteps,
+                        sigmas,
+                        device,
+                        extra_step_kwargs,
+                        timestep_cond,
+                        None,
+                    )
+
+            # 7.1 Memory-flat biased gradient: attach the backward that recomputes each step
+            if mode == "biased-recompute":
+                device_type = latents.device.type
+                trajectory = _Trajectory(
+                    pipeline=self,
+                    latents=recorded,
+                    timesteps=list(step_timesteps),
+                    coefficients=self._step_coefficients(scheduler, backprop_steps, backprop_generator),
+                    do_classifier_free_guidance=self.do_classifier_free_guidance,
+                    guidance_scale=self.guidance_scale,
+                    guidance_rescale=self.guidance_rescale,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    timestep_cond=timestep_cond,
+                    chunk_size=recompute_chunk_size,
+                    autocast=(
+                        device_type,
+                        torch.is_autocast_enabled(device_type),
+                        torch.get_autocast_dtype(device_type),
+                    ),
+                )
+                unet_params = [p for p in self.unet.parameters() if p.requires_grad]
+                latents = _BiasedGradientFunction.apply(trajectory, latents, torch.cat(conditioning), *unet_params)
+
+            # 8. Decode
+            has_nsfw_concept = None
+            if output_type == "latent":
+                image = latents
+            else:
+                image = self.vae.decode(
+                    latents / self.vae.config.scaling_factor, return_dict=False, generator=generator
+                )[0]
+                if gradient is None:
+                    image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
+                do_denormalize = (
+                    [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
+                )
+                image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+
+            original_images = None
+            if original_latents is not None:
+                with torch.no_grad():
+                    original_images = self._decode_original(original_latents, output_type, generator)
+
+            # Offload all models
+            self.maybe_free_model_hooks()
+
+            if not return_dict:
+                return (image, has_nsfw_concept, latents, original_images)
+            return FairStableDiffusionPipelineOutput(
+                images=image, nsfw_content_detected=has_nsfw_concept, latents=latents, original_images=original_images
             )
 
     def _check_gradient_inputs(
@@ -347,185 +480,6 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
             clip_skip=self.clip_skip,
         )
         return prompt_embeds, negative_prompt_embeds
-
-    def _generate(
-        self,
-        prompt,
-        height,
-        width,
-        num_inference_steps,
-        timesteps,
-        sigmas,
-        negative_prompt,
-        num_images_per_prompt,
-        eta,
-        generator,
-        latents,
-        prompt_embeds,
-        negative_prompt_embeds,
-        output_type,
-        return_dict,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-        gradient,
-        biased_gradient_impl,
-        backprop_steps,
-        backprop_generator,
-        recompute_chunk_size,
-        return_original,
-        original_prompt,
-        original_prompt_embeds,
-    ):
-        # 2. Define call parameters
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-        device = self._execution_device
-        scheduler = self._gradient_scheduler(gradient)
-
-        # 3. Encode input prompt (with a graph when a gradient is asked for)
-        user_negative_prompt_embeds = negative_prompt_embeds
-        prompt_embeds, negative_prompt_embeds = self._encode(
-            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
-        )
-        conditioning = [negative_prompt_embeds, prompt_embeds] if self.do_classifier_free_guidance else [prompt_embeds]
-
-        # 3.1 The frozen model's conditioning for the original images: adapters off, no graph
-        original_conditioning = None
-        fuse_originals = return_original and not has_active_adapters(self.unet)
-        if return_original:
-            with torch.no_grad(), adapters_disabled(self.text_encoder):
-                if original_prompt_embeds is None and original_prompt is None and prompt is not None:
-                    original_prompt = prompt
-                # Given negative embeddings are used as they are; a negative prompt is encoded by the frozen model.
-                original_negative = user_negative_prompt_embeds
-                original_embeds, original_negative = self._encode(
-                    original_prompt,
-                    device,
-                    num_images_per_prompt,
-                    negative_prompt,
-                    original_prompt_embeds,
-                    None if original_negative is None else original_negative.detach(),
-                )
-            original_conditioning = (
-                [original_negative, original_embeds] if self.do_classifier_free_guidance else [original_embeds]
-            )
-
-        # 4-5. Prepare timesteps and latent variables
-        latents = self.prepare_latents(
-            batch_size * num_images_per_prompt,
-            self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
-        )
-        initial_latents = latents.detach()
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
-
-        # 6. Optionally get Guidance Scale Embedding
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(batch_size * num_images_per_prompt)
-            timestep_cond = self.get_guidance_scale_embedding(
-                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
-
-        # 7. Denoising loop (the finetuned and, when fused, the original rows in the same U-Net batches)
-        rows = latents.shape[0]
-        if fuse_originals:
-            latents = torch.cat([initial_latents, initial_latents])
-            conditioning = [torch.cat([c, o]) for c, o in zip(conditioning, original_conditioning)]
-            if timestep_cond is not None:
-                timestep_cond = torch.cat([timestep_cond, timestep_cond])
-        mode = gradient if gradient != "biased" else f"biased-{biased_gradient_impl}"
-        with torch.no_grad() if mode == "biased-recompute" else contextlib.nullcontext():
-            latents, recorded, step_timesteps = self._denoise(
-                scheduler,
-                latents,
-                torch.cat(conditioning),
-                num_inference_steps,
-                timesteps,
-                sigmas,
-                device,
-                extra_step_kwargs,
-                timestep_cond,
-                mode,
-                callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
-                record_rows=rows,
-            )
-        original_latents = None
-        if fuse_originals:
-            latents, original_latents = latents[:rows], latents[rows:].detach()
-            conditioning = [c[:rows] for c in conditioning]
-            if timestep_cond is not None:
-                timestep_cond = timestep_cond[:rows]
-        elif return_original:
-            with torch.no_grad(), adapters_disabled(self.text_encoder, self.unet):
-                original_latents, _, _ = self._denoise(
-                    scheduler,
-                    initial_latents,
-                    torch.cat(original_conditioning),
-                    num_inference_steps,
-                    timesteps,
-                    sigmas,
-                    device,
-                    extra_step_kwargs,
-                    timestep_cond,
-                    None,
-                )
-
-        # 7.1 Memory-flat biased gradient: attach the backward that recomputes each step
-        if mode == "biased-recompute":
-            device_type = latents.device.type
-            trajectory = _Trajectory(
-                pipeline=self,
-                latents=recorded,
-                timesteps=list(step_timesteps),
-                coefficients=self._step_coefficients(scheduler, backprop_steps, backprop_generator),
-                do_classifier_free_guidance=self.do_classifier_free_guidance,
-                guidance_scale=self.guidance_scale,
-                guidance_rescale=self.guidance_rescale,
-                cross_attention_kwargs=self.cross_attention_kwargs,
-                timestep_cond=timestep_cond,
-                chunk_size=recompute_chunk_size,
-                autocast=(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)),
-            )
-            unet_params = [p for p in self.unet.parameters() if p.requires_grad]
-            latents = _BiasedGradientFunction.apply(trajectory, latents, torch.cat(conditioning), *unet_params)
-
-        # 8. Decode
-        has_nsfw_concept = None
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[
-                0
-            ]
-            if gradient is None:
-                image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
-            do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
-            image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
-
-        original_images = None
-        if original_latents is not None:
-            with torch.no_grad():
-                original_images = self._decode_original(original_latents, output_type, generator)
-
-        # Offload all models
-        self.maybe_free_model_hooks()
-
-        if not return_dict:
-            return (image, has_nsfw_concept, latents, original_images)
-        return FairStableDiffusionPipelineOutput(
-            images=image, nsfw_content_detected=has_nsfw_concept, latents=latents, original_images=original_images
-        )
 
     def _decode_original(self, latents, output_type, generator):
         if output_type == "latent":

@@ -34,7 +34,7 @@ def build_pipeline(full_size: bool, device: str, dtype):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from tiny_sd import tiny_clip_tokenizer
+    from tiny_models import tiny_clip_tokenizer
 
     from diffusers_fair import BiasedGradientScheduler, FairStableDiffusionPipeline
 

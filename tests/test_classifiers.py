@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel
+from tiny_models import tiny_clip_model, tiny_clip_tokenizer
 
 from diffusers_fair import AttributeClassifier, CLIPZeroShotClassifier
 from diffusers_fair.semantics import CLIP_MEAN, CLIP_STD, preprocess_images
@@ -11,48 +11,15 @@ from diffusers_fair.semantics import CLIP_MEAN, CLIP_STD, preprocess_images
 torch.set_num_threads(1)
 
 
-class _CharTokenizer:
-    """Stands in for a CLIP tokenizer (no Hub): characters -> ids 3..92, eos 98, pad 1."""
-
-    def __call__(self, texts, padding=True, truncation=True, return_tensors="pt"):
-        ids = [[0] + [3 + ord(c) % 90 for c in text[:30]] + [98] for text in texts]
-        length = max(map(len, ids))
-        input_ids = torch.tensor([row + [1] * (length - len(row)) for row in ids])
-        return {"input_ids": input_ids, "attention_mask": (input_ids != 1).long()}
-
-
 def _tiny_clip():
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": 99,
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 40,
-            "bos_token_id": 0,
-            "pad_token_id": 1,
-            "eos_token_id": 98,
-        },
-        vision_config={
-            "image_size": 32,
-            "patch_size": 8,
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-        },
-        projection_dim=16,
-    )
-    return CLIPModel(config).eval()
+    return tiny_clip_model(image_size=32)
 
 
 ATTRIBUTES = {"gender": ["male", "female"], "age": ["young", "middle", "old"]}
 
 
 def _classifier(clip=None, **kwargs):
-    return CLIPZeroShotClassifier.from_clip(clip or _tiny_clip(), _CharTokenizer(), ATTRIBUTES, **kwargs)
+    return CLIPZeroShotClassifier.from_clip(clip or _tiny_clip(), tiny_clip_tokenizer(), ATTRIBUTES, **kwargs)
 
 
 def test_zero_shot_logits_match_clip_similarity():
@@ -63,12 +30,19 @@ def test_zero_shot_logits_match_clip_similarity():
     logits = classifier(images)
     assert set(logits) == set(ATTRIBUTES) and logits["age"].shape == (3, 3)
 
-    tokenizer = _CharTokenizer()
+    tokenizer = tiny_clip_tokenizer()
     with torch.no_grad():
         pixels = preprocess_images(images, 32, 32, CLIP_MEAN, CLIP_STD)
         image_embeds = F.normalize(clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-        man = F.normalize(clip.get_text_features(**tokenizer(["a man"])).pooler_output, dim=-1)[0]
-        women = F.normalize(clip.get_text_features(**tokenizer(["a woman", "a female person"])).pooler_output, dim=-1)
+        man = F.normalize(
+            clip.get_text_features(**tokenizer(["a man"], padding=True, return_tensors="pt")).pooler_output, dim=-1
+        )[0]
+        women = F.normalize(
+            clip.get_text_features(
+                **tokenizer(["a woman", "a female person"], padding=True, return_tensors="pt")
+            ).pooler_output,
+            dim=-1,
+        )
         woman = F.normalize(women.mean(0), dim=-1)
         expected = clip.logit_scale.exp() * image_embeds @ torch.stack([man, woman]).T
     torch.testing.assert_close(logits["gender"], expected, atol=1e-4, rtol=1e-4)

@@ -2,7 +2,7 @@
 
 import torch
 from peft import LoraConfig
-from tiny_sd import tiny_pipeline
+from tiny_models import tiny_pipeline
 
 from diffusers_fair import AttributeClassifier, bias_score, evaluate
 from diffusers_fair.metrics import generate_images, score_images

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+from tiny_models import tiny_clip_model, tiny_clip_tokenizer, tiny_dino_model
 
 from diffusers_fair import AttributeClassifier, TargetDistribution, bias_score, evaluate
 from diffusers_fair.metrics import (
@@ -93,46 +93,11 @@ def test_generate_images_seeded_per_image():
 
 
 def _tiny_clip_and_tokenizer():
-    torch.manual_seed(0)
-    clip = CLIPModel(
-        CLIPConfig(
-            text_config={
-                "vocab_size": 99,
-                "hidden_size": 16,
-                "intermediate_size": 16,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "bos_token_id": 0,
-                "pad_token_id": 1,
-                "eos_token_id": 98,
-            },
-            vision_config={
-                "image_size": 16,
-                "patch_size": 8,
-                "hidden_size": 16,
-                "intermediate_size": 16,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-            },
-            projection_dim=8,
-        )
-    ).eval()
-
-    def tokenizer(texts, padding=True, truncation=True, return_tensors="pt"):
-        ids = [[0] + [3 + ord(c) % 90 for c in t[:30]] + [98] for t in texts]
-        n = max(map(len, ids))
-        input_ids = torch.tensor([r + [1] * (n - len(r)) for r in ids])
-        return {"input_ids": input_ids, "attention_mask": (input_ids != 1).long()}
-
-    return clip, tokenizer
+    return tiny_clip_model(), tiny_clip_tokenizer()
 
 
 def _tiny_dino():
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        image_size=16, patch_size=8, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
-    )
-    return Dinov2Model(config).eval()
+    return tiny_dino_model()
 
 
 def test_evaluate_matches_manual_scoring_and_rescoring():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
-from tiny_sd import tiny_components, tiny_pipeline
+from tiny_models import tiny_components, tiny_pipeline
 
 from diffusers_fair import BiasedGradientScheduler, FairStableDiffusionPipeline, FairStableDiffusionPipelineOutput
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+from tiny_models import tiny_clip_model, tiny_dino_model
 
 from diffusers_fair import ImageSemanticsLoss
 from diffusers_fair.semantics import ImageFeatureExtractor, preprocess_images, scale_gradient
@@ -9,42 +9,7 @@ torch.set_num_threads(1)
 
 
 def _tiny_encoders():
-    torch.manual_seed(0)
-    clip = CLIPModel(
-        CLIPConfig(
-            text_config={
-                "vocab_size": 99,
-                "hidden_size": 16,
-                "intermediate_size": 16,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "bos_token_id": 0,
-                "pad_token_id": 1,
-                "eos_token_id": 98,
-            },
-            vision_config={
-                "image_size": 16,
-                "patch_size": 8,
-                "hidden_size": 32,
-                "intermediate_size": 37,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-            },
-            projection_dim=16,
-        )
-    )
-    torch.manual_seed(0)
-    dino = Dinov2Model(
-        Dinov2Config(
-            image_size=16,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        )
-    )
-    return {"clip": clip, "dino": ImageFeatureExtractor(dino, crop_size=16)}
+    return {"clip": tiny_clip_model(), "dino": ImageFeatureExtractor(tiny_dino_model(), crop_size=16)}
 
 
 @pytest.fixture(scope="module")

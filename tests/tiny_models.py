@@ -1,4 +1,4 @@
-"""Tiny Stable Diffusion components built in code (no Hub), as diffusers' fast tests do."""
+"""Tiny models built in code (no Hub), as diffusers' fast tests do: Stable Diffusion components, CLIP, DINOv2."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import tempfile
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config, Dinov2Model
 
 from diffusers_fair import BiasedGradientScheduler, FairStableDiffusionPipeline
 
@@ -105,3 +105,32 @@ def tiny_pipeline(pipeline_class=FairStableDiffusionPipeline, **kwargs):
     pipe = pipeline_class(**tiny_components(**kwargs))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_clip_model(image_size: int = 16, hidden_size: int = 32, projection_dim: int = 16) -> CLIPModel:
+    """A random-weight `CLIPModel` whose text side fits `tiny_clip_tokenizer()`."""
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(0)
+    text_config = {"vocab_size": len(tokenizer), "max_position_embeddings": 77}
+    text_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text_config.update(pad_token_id=tokenizer.pad_token_id)
+    shared = {"hidden_size": hidden_size, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    vision_config = {"image_size": image_size, "patch_size": 8, **shared}
+    config = CLIPConfig(
+        text_config={**text_config, **shared}, vision_config=vision_config, projection_dim=projection_dim
+    )
+    return CLIPModel(config).eval()
+
+
+def tiny_dino_model(image_size: int = 16, hidden_size: int = 32) -> Dinov2Model:
+    """A random-weight `Dinov2Model`."""
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    return Dinov2Model(config).eval()

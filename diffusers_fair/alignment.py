@@ -2,7 +2,7 @@
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -253,6 +253,14 @@ class DistributionalAlignmentOutput:
         return logs
 
 
+def _joint_log_probs(log_probs: Mapping[str, torch.Tensor], attributes: Sequence[str]) -> torch.Tensor:
+    """Log-probabilities of the joint cells of `attributes` (row-major), from independent per-attribute heads."""
+    joint = log_probs[attributes[0]]
+    for attribute in attributes[1:]:
+        joint = (joint[:, :, None] + log_probs[attribute][:, None, :]).reshape(joint.shape[0], -1)
+    return joint
+
+
 class DistributionalAlignmentLoss(nn.Module):
     r"""
     The distributional alignment loss (paper Eq. 4-6): cross-entropy towards dynamically generated target classes.
@@ -311,7 +319,11 @@ class DistributionalAlignmentLoss(nn.Module):
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def forward(
-        self, logits: Mapping[str, torch.Tensor] | torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        logits: Mapping[str, torch.Tensor] | torch.Tensor,
+        mask: torch.Tensor | None = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        process_index: int = 0,
     ) -> tuple[torch.Tensor, DistributionalAlignmentOutput]:
         r"""
         Args:
@@ -320,6 +332,15 @@ class DistributionalAlignmentLoss(nn.Module):
                 single tensor when the target has one attribute.
             mask (`torch.Tensor` of shape `(N,)`, *optional*):
                 `True` for images with a usable face; the others are excluded from the transport and the loss.
+            gather (`Callable[[torch.Tensor], torch.Tensor]`, *optional*):
+                For data-parallel training (e.g. `accelerator.gather`): concatenates a tensor over the processes in
+                process order. The DAL is a batch statistic, so the transport then runs on the class probabilities of
+                every process's images and each process applies the loss to its own `N` images (normalised by its
+                own `N`, which data-parallel gradient averaging turns into the global mean). The diagnostics describe
+                the gathered batch.
+            process_index (`int`, *optional*, defaults to 0):
+                This process's rank: its images are rows `[process_index * N, (process_index + 1) * N)` of the
+                gathered batch (every process must pass the same `N`).
 
         Returns:
             `(loss, diagnostics)`: the scalar loss (differentiable w.r.t. `logits`) and a
@@ -359,13 +380,25 @@ class DistributionalAlignmentLoss(nn.Module):
             a: torch.log_softmax(logits[a].to(torch.promote_types(logits[a].dtype, torch.float32)), dim=-1)
             for a in attributes
         }
+        local_rows = slice(0, n)
+        batch_log_probs = log_probs
+        if gather is not None:
+            # The transport sees every process's images; the cross-entropy only this process's own rows.
+            batch_log_probs = {a: gather(v.detach().contiguous()) for a, v in log_probs.items()}
+            mask = gather(mask.contiguous())
+            local_rows = slice(process_index * n, (process_index + 1) * n)
+            if mask.shape[0] < local_rows.stop:
+                raise ValueError(
+                    f"`process_index` {process_index} is out of range for a gathered batch of {mask.shape[0]} images "
+                    f"of {n} per process."
+                )
+        num_local, n = n, mask.shape[0]
         out = DistributionalAlignmentOutput(loss=torch.zeros((), device=device), mask=mask, classes=attributes)
         out.num_excluded = int((~mask).sum())
         total = torch.zeros((), device=device)
         for factor in self.target_distribution.factors:
-            joint = log_probs[factor.attributes[0]]
-            for attribute in factor.attributes[1:]:
-                joint = (joint[:, :, None] + log_probs[attribute][:, None, :]).reshape(n, -1)
+            joint = _joint_log_probs(batch_log_probs, factor.attributes)
+            local_joint = joint if gather is None else _joint_log_probs(log_probs, factor.attributes)
             probs = joint.detach().exp()
             q = torch.zeros_like(probs)
             if factor.given:
@@ -383,8 +416,10 @@ class DistributionalAlignmentLoss(nn.Module):
             confidence, cell = q.max(dim=1)
             confidence = torch.where(mask, confidence, torch.zeros_like(confidence))
             confident = mask & (confidence >= self.confidence_threshold)
-            cross_entropy = -joint.gather(1, cell[:, None]).squeeze(1)
-            factor_loss = torch.where(confident, cross_entropy, torch.zeros_like(cross_entropy)).sum() / max(n, 1)
+            cross_entropy = -local_joint.gather(1, cell[local_rows, None]).squeeze(1)
+            factor_loss = (
+                torch.where(confident[local_rows], cross_entropy, torch.zeros_like(cross_entropy)).sum() / num_local
+            )
             total = total + factor_loss
             out.factor_losses[factor.name] = factor_loss.detach()
             out.expected_targets[factor.name] = q
@@ -397,7 +432,7 @@ class DistributionalAlignmentLoss(nn.Module):
                 remaining = remaining // size
         for attribute, classes in attributes.items():
             num_included = max(int(mask.sum()), 1)
-            current = log_probs[attribute].argmax(dim=1)[mask]
+            current = batch_log_probs[attribute].argmax(dim=1)[mask]
             out.batch_frequencies[attribute] = torch.bincount(current, minlength=len(classes)).float() / num_included
             chosen = out.targets[attribute][mask]
             out.target_frequencies[attribute] = torch.bincount(chosen, minlength=len(classes)).float() / num_included

@@ -289,3 +289,50 @@ def test_dal_errors():
         loss_fn({"gender": torch.zeros(4, 2), "age": torch.zeros(3, 2)})
     with pytest.raises(ValueError, match="`mask` must have shape"):
         loss_fn({"gender": torch.zeros(4, 2), "age": torch.zeros(4, 2)}, mask=torch.ones(5))
+
+
+@pytest.mark.parametrize("spec", ["gender=uniform", "gender,race=uniform;age|gender,race=young:0.75,old:0.25"])
+def test_gathered_batch_aligns_like_one_batch(spec):
+    # Two "processes" of 6 images each, with a gather that concatenates their logits in process order, must get the
+    # single-process targets of the 12 images, and their losses must average to the single-process loss.
+    attributes = {"gender": ["male", "female"], "race": ["WMELH", "Asian", "Black", "Indian"], "age": ["young", "old"]}
+    torch.manual_seed(0)
+    logits = {a: torch.randn(12, len(c), dtype=torch.float64) * 2 for a, c in attributes.items()}
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[3] = False
+
+    def make_loss():  # a fresh, seeded loss per call: the joint factor's transport is Monte Carlo (8 cells)
+        return DistributionalAlignmentLoss(spec, confidence_threshold=0.5, classifier_attributes=attributes, seed=0)
+
+    loss_fn = make_loss()
+    full_loss, full = loss_fn(logits, mask)
+
+    halves = [{a: v[i * 6 : (i + 1) * 6].clone().requires_grad_() for a, v in logits.items()} for i in range(2)]
+    masks = [mask[:6], mask[6:]]
+    losses = []
+    for rank in range(2):
+        other = 1 - rank
+        # the loss gathers each attribute's log-probabilities (in the target's attribute order), then the mask
+        calls = iter([*loss_fn.target_distribution.attributes, "mask"])
+
+        def gather(tensor, rank=rank, other=other, calls=calls):
+            name = next(calls)
+            peer = masks[other] if name == "mask" else torch.log_softmax(halves[other][name].detach(), dim=-1)
+            parts = {rank: tensor, other: peer}
+            return torch.cat([parts[0], parts[1]])
+
+        loss, diagnostics = make_loss()(halves[rank], masks[rank], gather=gather, process_index=rank)
+        losses.append(loss)
+        for attribute in diagnostics.targets:
+            assert torch.equal(diagnostics.targets[attribute], full.targets[attribute])
+    torch.testing.assert_close((losses[0] + losses[1]) / 2, full_loss)
+    # gradients flow to each process's own logits only
+    (losses[0] + losses[1]).backward()
+    assert halves[0]["gender"].grad.abs().sum() > 0 and halves[1]["gender"].grad.abs().sum() > 0
+
+
+def test_gather_with_a_wrong_process_index_is_refused():
+    loss_fn = DistributionalAlignmentLoss("gender=uniform", classifier_attributes={"gender": ["male", "female"]})
+    logits = {"gender": torch.randn(4, 2)}
+    with pytest.raises(ValueError, match="process_index"):
+        loss_fn(logits, gather=lambda t: t, process_index=1)

@@ -174,7 +174,7 @@ def main():
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, default=1, help="Timed iterations after the first (min is kept).")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--recompute-chunk-size", type=int, default=4, help="Steps per U-Net call in the recompute.")
+    parser.add_argument("--recompute-chunk-size", type=int, default=2, help="Steps per U-Net call in the recompute.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

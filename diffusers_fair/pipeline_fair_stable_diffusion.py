@@ -145,7 +145,7 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
         biased_gradient_impl: str = "recompute",
         backprop_steps: int | None = None,
         backprop_generator: torch.Generator | None = None,
-        recompute_chunk_size: int = 4,
+        recompute_chunk_size: int = 2,
         return_original: bool = False,
         original_prompt: str | list[str] | None = None,
         original_prompt_embeds: torch.Tensor | None = None,
@@ -176,8 +176,9 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
                 estimate of the biased gradient (`"recompute"` only). The subset is drawn with `backprop_generator`.
             backprop_generator (`torch.Generator`, *optional*):
                 CPU generator for the `backprop_steps` subset; the global RNG if `None`.
-            recompute_chunk_size (`int`, *optional*, defaults to 4):
-                How many steps the recompute path batches into one U-Net call (memory vs speed).
+            recompute_chunk_size (`int`, *optional*, defaults to 2):
+                How many steps the recompute path batches into one U-Net call. Peak memory grows with it; larger
+                chunks pay off when one step's batch is too small to fill the device (on a CPU they do not).
             return_original (`bool`, *optional*, defaults to `False`):
                 Also return the frozen model's images from the same initial noise (peft adapters of the text encoder
                 and U-Net disabled), for the semantics-preserving loss. When the U-Net has no active adapter they

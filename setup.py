@@ -13,6 +13,7 @@ install_requires = [
     "scipy",
     "tqdm",
     "pyyaml",
+    "jinja2",  # model card templates
 ]
 
 extras = {
@@ -31,7 +32,7 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["diffusers_fair", "diffusers_fair.*"]),
     include_package_data=True,
-    package_data={"diffusers_fair": ["**/*.json", "**/*.txt", "**/*.safetensors", "**/*.md", "**/*.yaml"]},
+    package_data={"diffusers_fair": ["**/*.json", "**/*.txt", "**/*.safetensors", "**/*.md", "**/*.yaml", "**/*.png"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras,

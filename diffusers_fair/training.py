@@ -1,0 +1,263 @@
+"""Library side of fair finetuning: trainable adaptors, the combined objective, saving for stock diffusers.
+
+`examples/train_fair_lora.py` is the glue around these pieces (arguments, Accelerate, the loop, checkpoints).
+"""
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .alignment import DistributionalAlignmentLoss
+from .semantics import ImageSemanticsLoss
+
+FINETUNE_MODES = ("text_encoder_lora", "unet_lora", "text_encoder_and_unet_lora", "prompt_prefix")
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+PREFIX_WEIGHTS_NAME = "learned_embeds.safetensors"
+ADAPTER_STATE_NAME = "adapter_state.safetensors"
+
+
+@dataclass
+class FairAdapters:
+    r"""
+    What is trained on a pipeline, as set up by [`add_fair_adapters`].
+
+    Args:
+        pipeline: The pipeline the adaptors live in.
+        finetune (`str`): One of `FINETUNE_MODES`.
+        lora_configs (`dict[str, LoraConfig]`): Component name (`"text_encoder"`, `"unet"`) -> its LoRA config.
+        prefix_token (`str`, *optional*): For `prompt_prefix`, the (multi-vector) token prepended to every prompt.
+        prefix_token_ids (`list[int]`): The token ids of the prefix vectors in the tokenizer.
+    """
+
+    pipeline: object
+    finetune: str
+    lora_configs: dict[str, LoraConfig] = field(default_factory=dict)
+    prefix_token: str | None = None
+    prefix_token_ids: list[int] = field(default_factory=list)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The tensors the optimizer updates (for `prompt_prefix`, the whole embedding table: only the prefix rows
+        receive gradient, so use no weight decay on it)."""
+        if self.finetune == "prompt_prefix":
+            return [self.pipeline.text_encoder.get_input_embeddings().weight]
+        return [p for name in self.lora_configs for p in getattr(self.pipeline, name).parameters() if p.requires_grad]
+
+    def apply_prompt(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts as the finetuned model must see them (the prefix token prepended for `prompt_prefix`)."""
+        if self.prefix_token is None:
+            return list(prompts)
+        return [f"{self.prefix_token} {prompt}" for prompt in prompts]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the trained tensors (LoRA weights or prefix vectors), for checkpoints."""
+        if self.finetune == "prompt_prefix":
+            weight = self.pipeline.text_encoder.get_input_embeddings().weight
+            return {"prefix": weight.detach()[self.prefix_token_ids].cpu().contiguous()}
+        return {
+            f"{name}.{key}": value.detach().cpu().contiguous()
+            for name in self.lora_configs
+            for key, value in get_peft_model_state_dict(getattr(self.pipeline, name)).items()
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores what [`~FairAdapters.state_dict`] returned."""
+        if self.finetune == "prompt_prefix":
+            weight = self.pipeline.text_encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                weight[self.prefix_token_ids] = state["prefix"].to(weight)
+            return
+        for name in self.lora_configs:
+            prefix = f"{name}."
+            component_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            result = set_peft_model_state_dict(getattr(self.pipeline, name), component_state)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"Checkpoint has keys that {name} does not: {result.unexpected_keys[:5]}.")
+
+    def save_state(self, directory: str | os.PathLike) -> None:
+        """Writes the trained tensors to `directory/adapter_state.safetensors` (atomically)."""
+        path = os.path.join(directory, ADAPTER_STATE_NAME)
+        save_file(self.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def load_state(self, directory: str | os.PathLike) -> None:
+        self.load_state_dict(load_file(os.path.join(directory, ADAPTER_STATE_NAME)))
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        r"""
+        Saves the adaptors in a format stock diffusers loads, and returns the file name written.
+
+        LoRA modes write `pytorch_lora_weights.safetensors` with the pipeline's `save_lora_weights` and the LoRA
+        configs as adapter metadata (without it `lora_alpha` is lost on reload), so
+        `pipe.load_lora_weights(save_directory)` reproduces the finetuned model exactly. `prompt_prefix` writes
+        `learned_embeds.safetensors`, one multi-vector textual-inversion token:
+        `pipe.load_textual_inversion(save_directory, weight_name="learned_embeds.safetensors")`, then prefix every
+        prompt with the token (see [`~FairAdapters.apply_prompt`]).
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        if self.finetune == "prompt_prefix":
+            weight = self.pipeline.text_encoder.get_input_embeddings().weight
+            embeds = weight.detach()[self.prefix_token_ids].float().cpu().contiguous()
+            save_file({self.prefix_token: embeds}, os.path.join(save_directory, PREFIX_WEIGHTS_NAME))
+            return PREFIX_WEIGHTS_NAME
+        layers, metadata = {}, {}
+        for name, config in self.lora_configs.items():
+            state = get_peft_model_state_dict(getattr(self.pipeline, name))
+            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+            metadata[f"{name}_lora_adapter_metadata"] = config.to_dict()
+        type(self.pipeline).save_lora_weights(save_directory, safe_serialization=True, **layers, **metadata)
+        return LORA_WEIGHTS_NAME
+
+
+def add_fair_adapters(
+    pipeline,
+    finetune: str = "text_encoder_lora",
+    rank: int = 50,
+    lora_alpha: int | None = None,
+    num_prefix_tokens: int = 5,
+    prefix_token: str = "<fair>",
+    initializer_token: str = "person",
+) -> FairAdapters:
+    r"""
+    Freezes every weight of `pipeline` and adds what `finetune` trains (the paper's components, Sec. 5.1 and A.6).
+
+    Args:
+        pipeline: A Stable Diffusion pipeline (e.g. [`FairStableDiffusionPipeline`]).
+        finetune (`str`, *optional*, defaults to `"text_encoder_lora"`):
+            `"text_encoder_lora"` (recommended by the paper), `"unet_lora"`, `"text_encoder_and_unet_lora"` or
+            `"prompt_prefix"` (soft prompt: `num_prefix_tokens` trainable token embeddings prepended to every prompt).
+        rank (`int`, *optional*, defaults to 50): LoRA rank (the paper used 50 on the text encoder).
+        lora_alpha (`int`, *optional*): LoRA alpha; defaults to `rank` (scale 1).
+        num_prefix_tokens (`int`, *optional*, defaults to 5): Soft-prompt length for `prompt_prefix`.
+        prefix_token (`str`, *optional*, defaults to `"<fair>"`): The soft prompt's token (must be new).
+        initializer_token (`str`, *optional*, defaults to `"person"`): Initial value of every prefix vector.
+
+    Returns:
+        [`FairAdapters`].
+    """
+    if finetune not in FINETUNE_MODES:
+        raise ValueError(f"`finetune` must be one of {FINETUNE_MODES}, got {finetune!r}.")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"`rank` must be a positive integer, got {rank!r}.")
+    for model in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        model.requires_grad_(False)
+    adapters = FairAdapters(pipeline=pipeline, finetune=finetune)
+    if finetune == "prompt_prefix":
+        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 1:
+            raise ValueError(f"`num_prefix_tokens` must be a positive integer, got {num_prefix_tokens!r}.")
+        tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder
+        # The names `load_textual_inversion` gives a multi-vector token, so `maybe_convert_prompt` expands
+        # "<fair>" into all its vectors both here and after a stock reload.
+        tokens = [prefix_token] + [f"{prefix_token}_{i}" for i in range(1, num_prefix_tokens)]
+        if tokenizer.add_tokens(tokens) != num_prefix_tokens:
+            raise ValueError(f"`prefix_token` {prefix_token!r} is already in the tokenizer; choose a new token.")
+        init_ids = tokenizer.encode(initializer_token, add_special_tokens=False)
+        if len(init_ids) != 1:
+            raise ValueError(f"`initializer_token` {initializer_token!r} must be a single token, got {len(init_ids)}.")
+        text_encoder.resize_token_embeddings(len(tokenizer))
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        weight = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[ids] = weight[init_ids[0]].clone()
+        weight.requires_grad_(True)
+        row_mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        row_mask[ids] = 1
+        weight.register_hook(lambda grad: grad * row_mask.to(grad))  # only the prefix rows learn
+        adapters.prefix_token, adapters.prefix_token_ids = prefix_token, ids
+        return adapters
+    lora_alpha = rank if lora_alpha is None else lora_alpha
+    if finetune in ("text_encoder_lora", "text_encoder_and_unet_lora"):
+        config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=TEXT_ENCODER_LORA_TARGETS)
+        pipeline.text_encoder.add_adapter(config)
+        adapters.lora_configs["text_encoder"] = config
+    if finetune in ("unet_lora", "text_encoder_and_unet_lora"):
+        config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=UNET_LORA_TARGETS)
+        pipeline.unet.add_adapter(config)
+        adapters.lora_configs["unet"] = config
+    return adapters
+
+
+class FairFinetuningObjective(nn.Module):
+    r"""
+    The paper's training loss (Sec. 4.1): `L_align + lambda_img L_img` with the dynamic per-image / per-region weights.
+
+    The distributional alignment loss runs on the classifier's logits of the finetuned images; the semantics loss
+    compares each finetuned image with the frozen model's image from the same noise. Its weight is `lambda_img_agree`
+    for images whose target class (every aligned attribute) equals the original image's predicted class, otherwise
+    `lambda_img_nonface` outside the face box and `lambda_img_face` inside it (see
+    [`ImageSemanticsLoss.region_weights`]). Face boxes (and a face-realism term) are where a face detector plugs in:
+    pass `face_boxes` to `forward`; without boxes the whole image of a disagreeing image gets `lambda_img_nonface`.
+
+    Args:
+        classifier ([`AttributeClassifier`]): Images `(B, 3, H, W)` in `[0, 1]` -> attribute logits.
+        alignment_loss ([`DistributionalAlignmentLoss`]): The DAL with its target distribution.
+        semantics_loss ([`ImageSemanticsLoss`], *optional*): `None` trains the DAL alone (not recommended).
+        lambda_img_agree (`float`), lambda_img_nonface (`float`), lambda_img_face (`float`):
+            The paper's `lambda_img,1..3`; defaults are its gender setting (8, 1.6, 0.32).
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        alignment_loss: DistributionalAlignmentLoss,
+        semantics_loss: ImageSemanticsLoss | None = None,
+        lambda_img_agree: float = 8.0,
+        lambda_img_nonface: float = 1.6,
+        lambda_img_face: float = 0.32,
+    ):
+        super().__init__()
+        self.classifier = classifier.requires_grad_(False)
+        self.alignment_loss = alignment_loss
+        self.semantics_loss = semantics_loss
+        self.lambdas = (lambda_img_agree, lambda_img_nonface, lambda_img_face)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        original_images: torch.Tensor | None,
+        face_boxes: torch.Tensor | None = None,
+        face_mask: torch.Tensor | None = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        process_index: int = 0,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        r"""
+        Args:
+            images (`torch.Tensor` of shape `(B, 3, H, W)` in `[0, 1]`): Finetuned images (differentiable).
+            original_images (`torch.Tensor` of the same shape, *optional*): The frozen model's images, same noise.
+            face_boxes (`torch.Tensor` of shape `(B, 4)`, *optional*): Face boxes in pixels, NaN rows for no face.
+            face_mask (`torch.Tensor` of shape `(B,)`, *optional*): `False` for images without a usable face.
+            gather, process_index: Data-parallel transport, see [`DistributionalAlignmentLoss.forward`].
+
+        Returns:
+            `(loss, logs)`: the scalar loss and floats to log (losses, batch and target class frequencies).
+        """
+        logits = self.classifier(images)
+        alignment, diagnostics = self.alignment_loss(logits, face_mask, gather=gather, process_index=process_index)
+        logs = {"loss/alignment": float(alignment.detach()), **diagnostics.to_log_dict()}
+        total = alignment
+        if self.semantics_loss is not None and original_images is not None:
+            rows = slice(process_index * images.shape[0], (process_index + 1) * images.shape[0])
+            with torch.no_grad():
+                original_logits = self.classifier(original_images)
+            agree = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+            for attribute, targets in diagnostics.targets.items():
+                local = targets[rows].to(images.device)
+                original_class = original_logits[attribute].argmax(dim=-1)
+                agree &= (local < 0) | (local == original_class)  # images without a face keep their look
+            weights = ImageSemanticsLoss.region_weights(
+                agree, face_boxes, images.shape[-2], images.shape[-1], *self.lambdas
+            )
+            semantics, distances = self.semantics_loss(images, original_images, pixel_weights=weights)
+            total = total + semantics
+            logs["loss/semantics"] = float(semantics.detach())
+            logs["agree_fraction"] = float(agree.float().mean())
+        logs["loss/total"] = float(total.detach())
+        return total, logs

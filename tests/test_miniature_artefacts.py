@@ -19,9 +19,10 @@ from diffusers_fair.miniature.train import _vae_round_trip, classifier_accuracy
 
 torch.set_num_threads(1)
 
-# Set below the rate measured on the shipped model (see diffusers_fair/miniature/README.md) so that a retrained model
-# that draws the occupation's context less often fails.
-CONTEXT_REGRESSION_THRESHOLD = 0.0
+# About half the rate measured on the shipped model (0.39 train / 0.46 held-out occupations, see
+# diffusers_fair/miniature/README.md), so that a retrained model that draws the context less often fails. Raise it
+# with the model: the target is 0.95.
+CONTEXT_REGRESSION_THRESHOLD = 0.2
 ARTEFACTS = ["pipeline", "classifier-train", "classifier-eval", "classifier-context", "clip"]
 
 

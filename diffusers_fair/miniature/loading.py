@@ -1,0 +1,93 @@
+"""Loaders of the shipped miniature-world artefacts (offline, seconds, CPU)."""
+
+import os
+from pathlib import Path
+
+from .models import MiniatureClassifier
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# Sampling settings the measurements in the miniature README use.
+RESOLUTION = 32
+DEFAULT_NUM_INFERENCE_STEPS = 20
+DEFAULT_GUIDANCE_SCALE = 3.0
+CLASSIFIER_KINDS = ("train", "eval", "context")
+
+
+def _weights_dir(weights_dir: str | os.PathLike | None) -> Path:
+    folder = WEIGHTS_DIR if weights_dir is None else Path(weights_dir)
+    if not (folder / "pipeline" / "model_index.json").is_file():
+        raise ValueError(
+            f"`weights_dir` {str(folder)!r} holds no miniature artefacts (no pipeline/model_index.json); pass a "
+            "folder written by `python -m diffusers_fair.miniature.train --output_dir DIR`, or None."
+        )
+    return folder
+
+
+def load_pipeline(weights_dir: str | os.PathLike | None = None):
+    r"""
+    Loads the miniature Stable Diffusion with a DPM-Solver++ `DPMSolverMultistepScheduler`.
+
+    Generate 32x32 images with `num_inference_steps=DEFAULT_NUM_INFERENCE_STEPS` (20) and
+    `guidance_scale=DEFAULT_GUIDANCE_SCALE` (3.0), the settings of the measurements in the miniature README (the
+    pipeline's own defaults, 50 steps and guidance 7.5, are those of real Stable Diffusion).
+
+    Args:
+        weights_dir (`str` or `os.PathLike`, *optional*):
+            A folder written by `python -m diffusers_fair.miniature.train`; defaults to the weights shipped in the
+            package.
+
+    Returns:
+        `FairStableDiffusionPipeline` (a `StableDiffusionPipeline` while the engine module is not available), in
+        float32 on CPU, without safety checker.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    # TODO: remove this fallback once `diffusers_fair.pipeline_fair_stable_diffusion` has landed on main.
+    try:
+        from ..pipeline_fair_stable_diffusion import FairStableDiffusionPipeline as pipeline_class
+    except ImportError:
+        from diffusers import StableDiffusionPipeline as pipeline_class
+
+    folder = _weights_dir(weights_dir) / "pipeline"
+    pipeline = pipeline_class.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipeline.scheduler.config, algorithm_type="dpmsolver++"
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_classifier(kind: str = "train", weights_dir: str | os.PathLike | None = None) -> MiniatureClassifier:
+    r"""
+    Loads one of the miniature world's classifiers.
+
+    Args:
+        kind (`str`, *optional*, defaults to `"train"`):
+            `"train"`: the attribute classifier (`hair`, `skin`, `age`) the alignment loss trains against;
+            `"eval"`: an independently trained one (other seed, architecture, augmentation) for evaluation;
+            `"context"`: the occupation classifier (attribute `occupation`) that measures semantics preservation.
+        weights_dir (`str` or `os.PathLike`, *optional*): as in `load_pipeline`.
+
+    Returns:
+        `MiniatureClassifier` in eval mode: images `(B, 3, 32, 32)` in `[0, 1]` -> dict of logits `(B, K)`.
+    """
+    if kind not in CLASSIFIER_KINDS:
+        raise ValueError(f"`kind` must be one of {CLASSIFIER_KINDS}, got {kind!r}.")
+    return MiniatureClassifier.from_pretrained(_weights_dir(weights_dir) / f"classifier-{kind}")
+
+
+def load_clip(weights_dir: str | os.PathLike | None = None):
+    r"""
+    Loads the miniature CLIP.
+
+    Args:
+        weights_dir (`str` or `os.PathLike`, *optional*): as in `load_pipeline`.
+
+    Returns:
+        `tuple[transformers.CLIPModel, transformers.CLIPProcessor]`: the model in eval mode and its processor (which
+        normalises 32x32 images with CLIP's mean and std and tokenizes with the miniature vocabulary).
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = _weights_dir(weights_dir) / "clip"
+    return CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)

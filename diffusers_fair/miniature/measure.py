@@ -1,0 +1,155 @@
+r"""
+Measures what the miniature world must show (numbers in `diffusers_fair/miniature/README.md`).
+
+    python -m diffusers_fair.miniature.measure --output_dir DIR [--images_per_prompt 64] [--weights_dir W]
+
+Writes `DIR/measurements.json` and `DIR/grid.png`. Everything is seeded; attributes of generated images are read by
+the independent "eval" classifier (the "train" classifier's numbers are reported too), context by the occupation
+classifier.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..metrics import bias_score
+from .loading import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_classifier, load_pipeline
+from .train import _vae_round_trip, classifier_accuracy
+from .world import ATTRIBUTES, OCCUPATION_NAMES, OCCUPATIONS, OCCUPATIONS_HELDOUT, OCCUPATIONS_TRAIN, sample_dataset
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Measure the miniature world's base model and classifiers.")
+    parser.add_argument("--output_dir", required=True, help="Folder for measurements.json and grid.png.")
+    parser.add_argument("--weights_dir", default=None, help="Artefacts to measure; defaults to the shipped ones.")
+    parser.add_argument("--images_per_prompt", type=int, default=64, help="Generated images per occupation.")
+    parser.add_argument("--template", type=int, default=0, help="Index into TEMPLATES of the measured prompts.")
+    parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
+    parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads.")
+    parser.add_argument("--fresh_images_per_occupation", type=int, default=20, help="For classifier accuracy.")
+    return parser.parse_args(input_args)
+
+
+def _frequency_vector(frequencies: dict[str, np.ndarray], attribute: str) -> np.ndarray:
+    # Binary attributes: the frequency of the second class only (both would double-count one number).
+    values = frequencies[attribute]
+    return values[:, 1] if values.shape[1] == 2 else values.reshape(-1)
+
+
+@torch.no_grad()
+def main(input_args: list[str] | None = None) -> dict:
+    args = parse_args(input_args)
+    torch.set_num_threads(args.num_threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    pipeline = load_pipeline(args.weights_dir)
+    classifiers = {kind: load_classifier(kind, args.weights_dir) for kind in ("train", "eval", "context")}
+    results: dict = {"settings": vars(args)}
+
+    # 1. Generate images per occupation and classify them.
+    generated = {}
+    start = time.time()
+    for index, occupation in enumerate(OCCUPATIONS):
+        generator = torch.Generator().manual_seed(args.seed + index)
+        generated[occupation.name] = pipeline(
+            occupation.prompt(args.template),
+            num_images_per_prompt=args.images_per_prompt,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            generator=generator,
+            output_type="pt",
+        ).images
+    results["generation_s"] = round(time.time() - start, 1)
+    predictions = {kind: {} for kind in classifiers}
+    for kind, model in classifiers.items():
+        for name, images in generated.items():
+            predictions[kind][name] = {a: logits.argmax(1) for a, logits in model(images).items()}
+
+    # 2. Per-occupation frequencies, correlation with the data, bias.
+    def frequencies(kind: str, occupations) -> dict[str, np.ndarray]:
+        return {
+            a: np.stack(
+                [
+                    np.bincount(predictions[kind][o.name][a].numpy(), minlength=len(classes)) / args.images_per_prompt
+                    for o in occupations
+                ]
+            )
+            for a, classes in ATTRIBUTES.items()
+        }
+
+    for split, occupations in (("train", OCCUPATIONS_TRAIN), ("heldout", OCCUPATIONS_HELDOUT)):
+        data = {a: np.array([o.distributions[a] for o in occupations]) for a in ATTRIBUTES}
+        for kind in ("eval", "train"):
+            gen = frequencies(kind, occupations)
+            for attribute in ATTRIBUTES:
+                x, y = _frequency_vector(data, attribute), _frequency_vector(gen, attribute)
+                results[f"{split}/{kind}_classifier/{attribute}/correlation"] = round(
+                    float(np.corrcoef(x, y)[0, 1]), 4
+                )
+                results[f"{split}/{kind}_classifier/{attribute}/mean_bias_generated"] = round(
+                    float(np.mean([bias_score(f) for f in gen[attribute]])), 4
+                )
+                results[f"{split}/{kind}_classifier/{attribute}/mean_abs_frequency_error"] = round(
+                    float(np.abs(data[attribute] - gen[attribute]).mean()), 4
+                )
+        for attribute in ATTRIBUTES:
+            results[f"{split}/data/{attribute}/mean_bias"] = round(
+                float(np.mean([bias_score(f) for f in data[attribute]])), 4
+            )
+        context = [
+            float((predictions["context"][o.name]["occupation"] == OCCUPATION_NAMES.index(o.name)).float().mean())
+            for o in occupations
+        ]
+        results[f"{split}/context_preserved"] = round(float(np.mean(context)), 4)
+        results[f"{split}/context_preserved_worst_occupation"] = round(float(np.min(context)), 4)
+
+    # 3. Agreement of the eval classifier with the train classifier on generated images.
+    for attribute in ATTRIBUTES:
+        agree = [
+            (predictions["train"][name][attribute] == predictions["eval"][name][attribute]).float().mean()
+            for name in generated
+        ]
+        results[f"generated/eval_train_agreement/{attribute}"] = round(float(torch.stack(agree).mean()), 4)
+
+    # 4. Classifier accuracy on fresh renders and on their VAE round-trips.
+    fresh = sample_dataset(images_per_occupation=args.fresh_images_per_occupation, seed=args.seed + 99)
+    round_trip = _vae_round_trip(pipeline.vae, fresh.images)
+    for kind in ("train", "eval", "context"):
+        labels = {"occupation": fresh.occupations} if kind == "context" else fresh.labels
+        for name, images in (("fresh", fresh.images), ("vae_round_trip", round_trip)):
+            for attribute, accuracy in classifier_accuracy(classifiers[kind], images, labels).items():
+                results[f"classifier_{kind}/{name}/{attribute}/accuracy"] = round(accuracy, 4)
+
+    # 5. Throughput at batch 16, 20 steps (after one warm-up call).
+    prompt = OCCUPATIONS[0].prompt(args.template)
+    kwargs = dict(num_images_per_prompt=16, num_inference_steps=20, guidance_scale=args.guidance_scale)
+    pipeline(prompt, **kwargs, output_type="pt")
+    start, repeats = time.time(), 5
+    for _ in range(repeats):
+        pipeline(prompt, **kwargs, output_type="pt")
+    results[f"throughput_images_per_s_batch16_20steps_{args.num_threads}thread"] = round(
+        16 * repeats / (time.time() - start), 1
+    )
+
+    # 6. Grid: 8 images for 6 training and 6 held-out occupations, 3x nearest-neighbour upscaling.
+    rows = OCCUPATIONS_TRAIN[:6] + OCCUPATIONS_HELDOUT[:6]
+    grid = torch.cat([torch.cat(list(generated[o.name][:8]), dim=2) for o in rows], dim=1)
+    picture = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    picture = picture.resize((picture.width * 3, picture.height * 3), Image.NEAREST)
+    picture.save(os.path.join(args.output_dir, "grid.png"))
+    results["grid_rows"] = [o.name for o in rows]
+
+    with open(os.path.join(args.output_dir, "measurements.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+r"""
+Trains every artefact of the miniature world from scratch, seeded and on CPU.
+
+    python -m diffusers_fair.miniature.train --output_dir DIR [--quick]
+
+Stages, each written atomically to its own folder of `DIR` when it finishes (a rerun with the same `DIR` skips the
+finished ones, so a crash loses at most the stage in progress):
+
+1. `DIR/.stages/vae`: the `AutoencoderKL` (32x32x3 <-> 8x8x4), its `scaling_factor` measured on the data.
+2. `DIR/pipeline`: text encoder + U-Net trained jointly on the VAE latents (DDPM, epsilon prediction, 10% empty
+   captions for classifier-free guidance, EMA), saved as a diffusers `StableDiffusionPipeline` folder with a
+   `DPMSolverMultistepScheduler` (DPM-Solver++).
+3. `DIR/classifier-train`, `DIR/classifier-eval`: independent attribute classifiers (other seed, architecture and
+   augmentation), trained on clean renders and their VAE round-trips.
+4. `DIR/classifier-context`: the occupation classifier that measures whether the context is preserved.
+5. `DIR/clip`: a tiny `CLIPModel` + `CLIPProcessor` trained contrastively on the world's images and captions.
+
+The shipped weights in `diffusers_fair/miniature/weights` were made with `--output_dir` pointing there and the
+default budget.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from tqdm.auto import tqdm
+from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+from .models import MiniatureClassifier, make_clip, make_text_encoder, make_unet, make_vae
+from .tokenizer import build_tokenizer
+from .world import ATTRIBUTE_WORDS, ATTRIBUTES, OCCUPATION_NAMES, TEMPLATES, attribute_caption, sample_dataset
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# name: (full budget, --quick budget)
+BUDGETS = {
+    "images_per_occupation": (120, 4),
+    "vae_steps": (1500, 10),
+    "unet_steps": (2000, 5),
+    "classifier_steps": (600, 5),
+    "clip_steps": (600, 5),
+}
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train the miniature world's pipeline, classifiers and CLIP.")
+    parser.add_argument("--output_dir", "--output", required=True, help="Folder to write the artefacts to.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the data and of every stage.")
+    parser.add_argument(
+        "--quick", action="store_true", help="A tiny budget for smoke tests (seconds, useless models)."
+    )
+    for name, (full, _) in BUDGETS.items():
+        parser.add_argument(f"--{name}", type=int, default=None, help=f"Defaults to {full} (smaller with --quick).")
+    parser.add_argument("--train_batch_size", type=int, default=64, help="Batch size of the U-Net stage.")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="Peak AdamW learning rate of the U-Net.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear warmup, then cosine to 10%%.")
+    parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of U-Net and text encoder.")
+    parser.add_argument(
+        "--text_embedding_noise",
+        type=float,
+        default=0.1,
+        help="Std of Gaussian noise added to text embeddings while training, so the U-Net tolerates moved ones.",
+    )
+    parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (leave cores for others).")
+    args = parser.parse_args(input_args)
+    for name, (full, quick) in BUDGETS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
+    return args
+
+
+def _save_atomically(final_dir: str, write: Callable[[str], None]) -> None:
+    tmp_dir = final_dir + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    write(tmp_dir)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.replace(tmp_dir, final_dir)
+
+
+def _write_card(folder: str, title: str, body: str, args: argparse.Namespace, metrics: dict) -> None:
+    command = "python -m diffusers_fair.miniature.train --output_dir DIR" + (" --quick" if args.quick else "")
+    lines = [f"# {title}", "", body.strip(), "", "## How it was made", "", f"`{command}` (seed {args.seed}).", ""]
+    lines += ["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in metrics.items()] + [""]
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return schedule
+
+
+def _batches(generator: torch.Generator, n: int, batch_size: int):
+    while True:
+        for index in torch.randperm(n, generator=generator).split(batch_size):
+            if len(index) == batch_size or n < batch_size:
+                yield index
+
+
+@torch.no_grad()
+def _vae_round_trip(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    out = []
+    for chunk in images.split(batch_size):
+        latents = vae.encode(chunk * 2 - 1).latent_dist.mode()
+        out.append((vae.decode(latents).sample / 2 + 0.5).clamp(0, 1))
+    return torch.cat(out)
+
+
+def train_vae(args, data, stage_dir: str) -> dict:
+    torch.manual_seed(args.seed + 1)
+    vae = make_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(50, args.vae_steps))
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    batches = _batches(generator, len(data.images), 32)
+    progress = tqdm(range(args.vae_steps), desc="vae")
+    for _ in progress:
+        x = data.images[next(batches)] * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(reconstruction, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(c * 2 - 1).latent_dist.mode() for c in data.images[:1024].split(256)])
+        mse = F.mse_loss(_vae_round_trip(vae, data.images[:1024]), data.images[:1024]).item()
+    scaling_factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    _save_atomically(stage_dir, lambda d: vae.save_pretrained(d))
+    return {"vae_psnr_db": round(10 * math.log10(1.0 / mse), 2), "scaling_factor": round(scaling_factor, 4)}
+
+
+def train_pipeline(args, data, vae: AutoencoderKL, tokenizer: CLIPTokenizer, out_dir: str, vae_metrics: dict) -> dict:
+    torch.manual_seed(args.seed + 2)
+    with torch.no_grad():
+        posteriors = [vae.encode(c * 2 - 1).latent_dist for c in data.images.split(256)]
+        means = torch.cat([p.mean for p in posteriors])
+        stds = torch.cat([p.std for p in posteriors])
+    ids = tokenizer(data.captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    ids = ids.input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    empty_ids = empty_ids.input_ids
+    text_encoder = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    unet = make_unet()
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(min(args.lr_warmup_steps, args.unet_steps), args.unet_steps)
+    )
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    batches = _batches(generator, len(ids), args.train_batch_size)
+    progress = tqdm(range(args.unet_steps), desc="text encoder + unet")
+    losses = []
+    for step in progress:
+        index = next(batches)
+        latents = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
+        latents = latents * vae.config.scaling_factor
+        input_ids = ids[index].clone()
+        drop = torch.rand(len(index), generator=generator) < 0.1  # empty captions for classifier-free guidance
+        input_ids[drop] = empty_ids
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (len(index),), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        embeddings = text_encoder(input_ids).last_hidden_state
+        embeddings = embeddings + args.text_embedding_noise * torch.randn(embeddings.shape, generator=generator)
+        loss = F.mse_loss(unet(noisy, timesteps, embeddings).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for shadow, p in zip(ema, params):
+                shadow.lerp_(p.detach(), 1 - decay)
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    with torch.no_grad():
+        for shadow, p in zip(ema, params):
+            p.copy_(shadow)
+    scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++")
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    metrics = {**vae_metrics, "unet_final_loss_mean_last_100": round(float(np.mean(losses[-100:])), 4)}
+    metrics.update(
+        unet_parameters=sum(p.numel() for p in unet.parameters()),
+        text_encoder_parameters=sum(p.numel() for p in text_encoder.parameters()),
+        vae_parameters=sum(p.numel() for p in vae.parameters()),
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        train_batch_size=args.train_batch_size,
+        training_images=len(ids),
+    )
+    body = """
+A miniature text-to-image model in the exact Stable Diffusion architecture (`AutoencoderKL` 32x32x3 <-> 8x8x4,
+`UNet2DConditionModel` with 64-wide cross-attention, a 2-layer 64-wide `CLIPTextModel`, a `CLIPTokenizer` over the
+world's own byte-level BPE vocabulary, `DPMSolverMultistepScheduler` with DPM-Solver++). Trained from scratch on
+procedurally rendered pixel-art people of `diffusers_fair.miniature` whose attribute distributions depend on the
+occupation (see `diffusers_fair/miniature/README.md`). It reproduces those biases on purpose: it is the model the
+library's fairness finetuning is demonstrated and tested on. Generate at 32x32, 20 steps, guidance 3.
+"""
+
+    def write(folder: str) -> None:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        _write_card(folder, "Miniature Stable Diffusion (diffusers-fair)", body, args, metrics)
+
+    _save_atomically(out_dir, write)
+    return metrics
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator, strength: float) -> torch.Tensor:
+    if strength <= 0:
+        return images
+    blur = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(len(images), 1, 1, 1, generator=generator) * strength
+    images = images * (1 - mix) + blur * mix
+    noise = torch.randn(images.shape, generator=generator) * 0.05 * strength
+    return (images + noise).clamp(0, 1)
+
+
+def train_classifier(
+    args,
+    images: torch.Tensor,
+    labels: dict[str, torch.Tensor],
+    classes: dict[str, list[str]],
+    architecture: dict,
+    seed: int,
+    augmentation: float,
+) -> MiniatureClassifier:
+    torch.manual_seed(seed)
+    model = MiniatureClassifier(classes, **architecture)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(20, args.classifier_steps))
+    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(generator, len(images), 64)
+    progress = tqdm(range(args.classifier_steps), desc=f"classifier {sorted(classes)} seed {seed}")
+    for _ in progress:
+        index = next(batches)
+        logits = model(_augment(images[index], generator, augmentation))
+        loss = sum(F.cross_entropy(logits[name], labels[name][index]) for name in classes)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    return model.eval()
+
+
+@torch.no_grad()
+def classifier_accuracy(model, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-attribute accuracy of `model` on `images` `(N, 3, 32, 32)` in `[0, 1]` with class-index `labels`."""
+    logits = {name: torch.cat(parts) for name, parts in _chunked_logits(model, images).items()}
+    return {name: float((logits[name].argmax(1) == labels[name]).float().mean()) for name in logits}
+
+
+def _chunked_logits(model, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    out: dict[str, list[torch.Tensor]] = {}
+    for chunk in images.split(256):
+        for name, value in model(chunk).items():
+            out.setdefault(name, []).append(value)
+    return out
+
+
+def train_clip(args, data, tokenizer: CLIPTokenizer, out_dir: str) -> dict:
+    torch.manual_seed(args.seed + 6)
+    rng = np.random.default_rng(args.seed + 6)
+    # CLIP's captions name a true attribute half of the time, so its features see attributes as well as context.
+    captions = []
+    for i in range(len(data.images)):
+        occupation = OCCUPATION_NAMES[int(data.occupations[i])]
+        word = None
+        if rng.random() < 0.5:
+            attribute = list(ATTRIBUTES)[rng.integers(len(ATTRIBUTES))]
+            word = ATTRIBUTE_WORDS[attribute][ATTRIBUTES[attribute][int(data.labels[attribute][i])]]
+        captions.append(attribute_caption(occupation, int(rng.integers(len(TEMPLATES))), word))
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    ids = ids.input_ids
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    model = make_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(50, args.clip_steps))
+    generator = torch.Generator().manual_seed(args.seed + 6)
+    batches = _batches(generator, len(ids), 128)
+    progress = tqdm(range(args.clip_steps), desc="clip")
+    for _ in progress:
+        index = next(batches)
+        pixel_values = (_augment(data.images[index], generator, 0.5) - mean) / std
+        loss = model(input_ids=ids[index], pixel_values=pixel_values, return_loss=True).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    metrics = {"clip_steps": args.clip_steps, "final_contrastive_loss": round(loss.item(), 4)}
+    body = """
+A tiny transformers `CLIPModel` (2-layer 64-wide text tower over the miniature vocabulary, 2-layer 64-wide ViT with
+4x4 patches on 32x32 images, 64-d projections) trained contrastively on the miniature world's images and captions
+(half of them naming a true attribute). It lets CLIP-T / CLIP-I and the image semantics loss run through the same
+code as real CLIP. Normalise images with CLIP's mean and std (the saved `CLIPProcessor` does).
+"""
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+        _write_card(folder, "Miniature CLIP (diffusers-fair)", body, args, metrics)
+
+    _save_atomically(out_dir, write)
+    return metrics
+
+
+def main(input_args: list[str] | None = None) -> dict:
+    args = parse_args(input_args)
+    torch.set_num_threads(args.num_threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    start = time.time()
+    timings, summary = {}, {}
+    data = sample_dataset(images_per_occupation=args.images_per_occupation, seed=args.seed)
+    tokenizer_dir = os.path.join(args.output_dir, ".stages", "tokenizer")
+    tokenizer = build_tokenizer(tokenizer_dir)
+
+    # 1. VAE
+    vae_dir = os.path.join(args.output_dir, ".stages", "vae")
+    metrics_path = os.path.join(args.output_dir, ".stages", "vae_metrics.json")
+    pipeline_dir = os.path.join(args.output_dir, "pipeline")
+    if os.path.isdir(pipeline_dir):  # a finished pipeline holds the VAE it was trained with
+        vae_dir = os.path.join(pipeline_dir, "vae")
+    elif not os.path.isdir(vae_dir):
+        t = time.time()
+        with open(metrics_path + ".tmp", "w") as f:
+            json.dump(train_vae(args, data, vae_dir), f)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        timings["vae_s"] = round(time.time() - t, 1)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            summary.update(json.load(f))
+
+    # 2. Text encoder + U-Net
+    if not os.path.isdir(pipeline_dir):
+        t = time.time()
+        summary.update(train_pipeline(args, data, vae, tokenizer, pipeline_dir, dict(summary)))
+        timings["text_encoder_unet_s"] = round(time.time() - t, 1)
+
+    # 3-4. Classifiers on clean renders + VAE round-trips; accuracy measured on a fresh seed.
+    fresh = sample_dataset(images_per_occupation=max(2, args.images_per_occupation // 6), seed=args.seed + 1000)
+    fresh_round_trip = _vae_round_trip(vae, fresh.images)
+    images = torch.cat([data.images, _vae_round_trip(vae, data.images)])
+    labels = {name: value.repeat(2) for name, value in data.labels.items()}
+    occupation = {"occupation": data.occupations.repeat(2)}
+    fresh_occupation = {"occupation": fresh.occupations}
+    specs = {
+        "classifier-train": (ATTRIBUTES, labels, fresh.labels, {"width": 32}, args.seed + 3, 0.0),
+        "classifier-eval": (
+            ATTRIBUTES,
+            labels,
+            fresh.labels,
+            {"width": 24, "kernel_size": 5, "activation": "gelu", "pooling": "avg"},
+            args.seed + 4,
+            1.0,
+        ),
+        "classifier-context": (
+            {"occupation": OCCUPATION_NAMES},
+            occupation,
+            fresh_occupation,
+            {"width": 32},
+            args.seed + 5,
+            0.5,
+        ),
+    }
+    for name, (classes, train_labels, fresh_labels, architecture, seed, augmentation) in specs.items():
+        folder = os.path.join(args.output_dir, name)
+        if os.path.isdir(folder):
+            continue
+        t = time.time()
+        model = train_classifier(args, images, train_labels, classes, architecture, seed, augmentation)
+        metrics = {
+            **{
+                f"accuracy_fresh_{k}": round(v, 4)
+                for k, v in classifier_accuracy(model, fresh.images, fresh_labels).items()
+            },
+            **{
+                f"accuracy_vae_round_trip_{k}": round(v, 4)
+                for k, v in classifier_accuracy(model, fresh_round_trip, fresh_labels).items()
+            },
+            "architecture": json.dumps(architecture),
+            "seed": seed,
+            "steps": args.classifier_steps,
+        }
+        summary[name] = metrics
+        role = {
+            "classifier-train": "the classifier the distributional alignment loss trains against",
+            "classifier-eval": "an independent classifier (other seed, architecture and augmentation) for evaluation",
+            "classifier-context": "the occupation (context) classifier that measures semantics preservation",
+        }[name]
+        num_classes = json.dumps({k: len(v) for k, v in classes.items()})
+        body = f"""
+A `diffusers_fair.miniature.MiniatureClassifier` (`diffusers_fair.AttributeClassifier`): {role}. Input
+`(B, 3, 32, 32)` images in `[0, 1]`; output per-attribute logits over {num_classes}
+classes. Trained on the miniature world's renders and their VAE round-trips. Load it with
+`diffusers_fair.miniature.load_classifier(...)`. Accuracies below are on renders of a fresh seed.
+"""
+
+        def write(folder: str, model=model, body=body, metrics=metrics, title=f"Miniature {name} (diffusers-fair)"):
+            model.save_pretrained(folder)
+            _write_card(folder, title, body, args, metrics)
+
+        _save_atomically(folder, write)
+        timings[f"{name}_s"] = round(time.time() - t, 1)
+
+    # 5. CLIP
+    clip_dir = os.path.join(args.output_dir, "clip")
+    if not os.path.isdir(clip_dir):
+        t = time.time()
+        summary["clip"] = train_clip(args, data, tokenizer, clip_dir)
+        timings["clip_s"] = round(time.time() - t, 1)
+
+    # Intermediate stages are only needed until the pipeline exists; they are not shipped.
+    shutil.rmtree(os.path.join(args.output_dir, ".stages"), ignore_errors=True)
+    timings["total_s"] = round(time.time() - start, 1)
+    summary["timings"] = timings
+    print(json.dumps(summary, indent=2))
+    with open(os.path.join(args.output_dir, "training_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The shipped miniature-world artefacts: offline loading, generation, classifier accuracy, size and format."""
+
+import os
+
+import pytest
+import torch
+
+from diffusers_fair.miniature import (
+    ATTRIBUTES,
+    OCCUPATION_NAMES,
+    OCCUPATIONS,
+    WEIGHTS_DIR,
+    load_classifier,
+    load_clip,
+    load_pipeline,
+    sample_dataset,
+)
+from diffusers_fair.miniature.train import _vae_round_trip, classifier_accuracy
+
+torch.set_num_threads(1)
+
+ARTEFACTS = ["pipeline", "classifier-train", "classifier-eval", "classifier-context", "clip"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    # A seed the training never used; two images per occupation.
+    return sample_dataset(images_per_occupation=2, seed=424242)
+
+
+def test_shipped_weights_are_small_safetensors_with_model_cards():
+    total = 0
+    for name in ARTEFACTS:
+        folder = WEIGHTS_DIR / name
+        assert (folder / "README.md").is_file(), f"{name} has no model card"
+        for root, _, files in os.walk(folder):
+            for file in files:
+                assert not file.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")), file
+                total += os.path.getsize(os.path.join(root, file))
+    assert total <= 30 * 2**20, f"shipped artefacts take {total / 2**20:.1f} MB > 30 MB"
+
+
+def test_pipeline_loads_offline_and_generates():
+    pipeline = load_pipeline()
+    assert type(pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipeline.scheduler.config.algorithm_type == "dpmsolver++"
+    assert pipeline.tokenizer.model_max_length == 77
+    generator = torch.Generator().manual_seed(0)
+    images = pipeline(
+        OCCUPATIONS[0].prompt(),
+        num_images_per_prompt=2,
+        num_inference_steps=20,
+        guidance_scale=3.0,
+        generator=generator,
+        output_type="pt",
+    ).images
+    assert images.shape == (2, 3, 32, 32)
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    again = pipeline(
+        OCCUPATIONS[0].prompt(),
+        num_images_per_prompt=2,
+        num_inference_steps=20,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    assert torch.equal(images, again)
+    # The occupation's context is drawn: the context classifier recognises the prompt's occupation.
+    predicted = load_classifier("context")(images)["occupation"].argmax(1)
+    assert (predicted == 0).all(), [OCCUPATION_NAMES[i] for i in predicted]
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_attribute_classifiers_are_accurate_on_fresh_renders_and_round_trips(kind, fresh):
+    classifier = load_classifier(kind)
+    assert classifier.attributes == ATTRIBUTES
+    vae = load_pipeline().vae
+    for images in (fresh.images, _vae_round_trip(vae, fresh.images)):
+        accuracy = classifier_accuracy(classifier, images, fresh.labels)
+        assert min(accuracy.values()) >= 0.95, accuracy
+
+
+def test_context_classifier_is_accurate(fresh):
+    accuracy = classifier_accuracy(load_classifier("context"), fresh.images, {"occupation": fresh.occupations})
+    assert accuracy["occupation"] >= 0.95
+
+
+def test_load_classifier_rejects_unknown_kind_and_folder(tmp_path):
+    with pytest.raises(ValueError, match="kind"):
+        load_classifier("judge")
+    with pytest.raises(ValueError, match="weights_dir"):
+        load_classifier("train", tmp_path)
+
+
+def test_clip_matches_images_to_their_occupation(fresh):
+    model, processor = load_clip()
+    names = [OCCUPATION_NAMES[i] for i in fresh.occupations[::2]]
+    text = processor(text=[f"a portrait of a {n}" for n in names], padding=True, return_tensors="pt")
+    mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        image_features = model.get_image_features(pixel_values=(fresh.images[::2] - mean) / std)
+        text_features = model.get_text_features(**text)
+    image_features = getattr(image_features, "pooler_output", image_features)
+    text_features = getattr(text_features, "pooler_output", text_features)
+    similarity = (
+        torch.nn.functional.normalize(image_features, dim=-1) @ torch.nn.functional.normalize(text_features, dim=-1).T
+    )
+    top1 = (similarity.argmax(dim=1) == torch.arange(len(names))).float().mean()
+    assert top1 >= 0.5, f"CLIP top-1 image->occupation text accuracy {top1:.2f} over {len(names)} occupations"

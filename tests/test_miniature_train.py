@@ -1,0 +1,55 @@
+"""The `--quick` training path of the miniature world, end to end, and its reproducibility."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_fair.miniature import load_classifier, load_clip, load_pipeline
+from diffusers_fair.miniature.train import main, parse_args
+
+torch.set_num_threads(1)
+
+ARTEFACTS = ["pipeline", "classifier-train", "classifier-eval", "classifier-context", "clip"]
+
+
+def test_parse_args_budgets_and_errors():
+    assert parse_args(["--output_dir", "x"]).unet_steps > parse_args(["--output_dir", "x", "--quick"]).unet_steps
+    assert parse_args(["--output", "x", "--quick", "--unet_steps", "3"]).unet_steps == 3
+    with pytest.raises(ValueError, match="--vae_steps"):
+        parse_args(["--output_dir", "x", "--vae_steps", "0"])
+
+
+@pytest.mark.slow
+def test_quick_training_end_to_end_is_reproducible_and_loadable(tmp_path):
+    args = ["--quick", "--images_per_occupation", "2", "--unet_steps", "3", "--vae_steps", "4"]
+    summary = main(["--output_dir", str(tmp_path / "a"), *args])
+    for name in ARTEFACTS:
+        folder = tmp_path / "a" / name
+        assert (folder / "README.md").is_file(), name
+        weights = [f for _, _, files in os.walk(folder) for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        assert not weights, f"{name} has non-safetensors weights: {weights}"
+    assert not (tmp_path / "a" / ".stages").exists()
+    assert summary["timings"]["total_s"] > 0
+    assert json.loads((tmp_path / "a" / "training_summary.json").read_text())["timings"] == summary["timings"]
+
+    # Same seed, same weights, bit for bit.
+    main(["--output_dir", str(tmp_path / "b"), *args])
+    for path in ["pipeline/unet/diffusion_pytorch_model.safetensors", "classifier-eval/model.safetensors"]:
+        a, b = load_file(tmp_path / "a" / path), load_file(tmp_path / "b" / path)
+        assert all(torch.equal(a[k], b[k]) for k in a), path
+
+    # The folder loads through the public loaders and generates.
+    pipeline = load_pipeline(tmp_path / "a")
+    images = pipeline("a portrait of a nurse", num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, 32, 32)
+    logits = load_classifier("eval", tmp_path / "a")(images)
+    assert set(logits) == {"hair", "skin", "age"} and logits["skin"].shape == (1, 4)
+    model, processor = load_clip(tmp_path / "a")
+    assert model.get_text_features(**processor(text=["a portrait of a nurse"], return_tensors="pt")) is not None
+
+    # A rerun skips the finished stages.
+    again = main(["--output_dir", str(tmp_path / "a"), *args])
+    assert set(again["timings"]) == {"total_s"}

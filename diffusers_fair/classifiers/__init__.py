@@ -1,7 +1,7 @@
 from .base import AttributeClassifier
 from .clip_zero_shot import CLIPZeroShotClassifier
+from .face_attribute import FaceAttributeClassifier
 from .offline import OfflineAgeGenderClassifier, load_offline_age_gender
-from .train import FaceAttributeClassifier
 
 __all__ = [
     "AttributeClassifier",

@@ -187,7 +187,8 @@ def load_loras(pipeline, loras: Sequence[str], names: Sequence[str], model: str)
         except Exception as error:  # peft/diffusers raise RuntimeError on shape mismatches, ValueError, OSError...
             raise ValueError(
                 f"`--lora` {path!r} could not be loaded into `--model` {model!r}: {type(error).__name__}: "
-                f"{str(error).splitlines()[0][:300]}. Give an adaptor trained for this base model."
+                f"{str(error).splitlines()[0][:300]} (its layers do not fit this model's). Give an adaptor trained "
+                "for this base model."
             ) from error
         attached = [component for component, adapters in pipeline.get_list_adapters().items() if name in adapters]
         if not attached:
@@ -456,7 +457,10 @@ def run_audit(
 
     # 1. Check and load every input before anything is written.
     check_report_dependencies()
-    prompts = load_prompts(args.prompts, limit=args.max_prompts)
+    try:
+        prompts = load_prompts(args.prompts, limit=args.max_prompts)
+    except ValueError as error:
+        raise ValueError(f"`--prompts`: {error}") from error
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     classifier = load_classifier(args.classifier, device)
     attributes = select_attributes(classifier, args.attributes)

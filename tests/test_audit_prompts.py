@@ -78,3 +78,16 @@ def test_unknown_set_lists_the_known_ones():
         load_prompts("occupations-tset")
     with pytest.raises(ValueError, match="limit"):
         load_prompts("occupations-test", limit=0)
+
+
+def test_console_script_dispatches_to_the_audit(capsys):
+    from diffusers_fair.cli import main
+
+    with pytest.raises(SystemExit) as excinfo:
+        main(["audit", "--help"])
+    assert excinfo.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: diffusers-fair audit") and "--compare-base" in out and "--face-detector" in out
+    assert main(["auditt"]) == 2
+    assert "unknown command 'auditt'; use one of: audit" in capsys.readouterr().err
+    assert main([]) == 2 and "commands:" in capsys.readouterr().out

@@ -171,24 +171,15 @@ def test_refuses_to_mix_results_of_other_arguments(finished_audit):
     assert sorted(os.listdir(output)) == listing and _records(output) == before
 
 
-def test_lora_and_base_share_noise_and_clip_i_is_against_the_base(miniature_lora, tmp_path):
+def test_lora_and_base_share_noise_and_clip_i_and_dino_are_against_the_base(miniature_lora, tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_models import tiny_dino_model
+
+    dino_folder = str(tmp_path / "dino")
+    tiny_dino_model().save_pretrained(dino_folder)
     output = str(tmp_path / "out")
-    report = run_audit(
-        parse_args(
-            [
-                *FAST,
-                "--max-prompts",
-                "1",
-                "--lora",
-                miniature_lora,
-                "--compare-base",
-                "--clip",
-                "miniature",
-                "--output",
-                output,
-            ]
-        )  # fmt: skip
-    )
+    args = [*FAST, "--max-prompts", "1", "--lora", miniature_lora, "--compare-base", "--clip", "miniature"]
+    report = run_audit(parse_args([*args, "--dino", dino_folder, "--output", output]))
     name = os.path.basename(miniature_lora)
     assert report["models"] == ["base", name]
     entry = report["prompts"][0]
@@ -199,6 +190,9 @@ def test_lora_and_base_share_noise_and_clip_i_is_against_the_base(miniature_lora
     clip_model, _ = load_clip()
     expected = float(image_similarity(adapted, base, clip_model).double().mean())
     assert entry["models"][name]["clip_i"] == pytest.approx(expected, abs=1e-6)
+    expected = float(image_similarity(adapted, base, tiny_dino_model()).double().mean())
+    assert "dino" not in entry["models"]["base"]
+    assert entry["models"][name]["dino"] == pytest.approx(expected, abs=1e-6)
     # without the LoRA the pipeline reproduces the base images: same per-image noise
     pipeline = load_pipeline()
     from diffusers_fair.metrics import generate_images

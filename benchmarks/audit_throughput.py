@@ -9,7 +9,8 @@ miniature components) with the audit's per-image generators, `output_type="pt"`,
 the full report. Timings: "loop" = generation + classification + CLIP + PNGs + records (the audit's per-image work,
 measured from its first generation call to its last record), "total" = the whole `run_audit` call including model
 loading, plots, grids and html. Plain and audit runs alternate for `--rounds` rounds and the fastest of each
-counts (the least disturbed by other processes on a shared machine).
+counts (the least disturbed by other processes on a shared machine). A last "paired" audit samples each prompt with
+the plain pipeline right after generating it (timed apart), the comparison least affected by changing load.
 "audit_own_work_fraction" is the loop's time outside generation (classifier, CLIP, PNGs, records) over the time
 inside it, measured within one run, so it does not depend on the noise between separate runs on a shared machine.
 """
@@ -49,15 +50,23 @@ def plain_sampling(pipeline, prompts, images, batch_size, steps, seed=0) -> floa
     return time.perf_counter() - start
 
 
-def audit_once(args) -> tuple[float, float, float]:
-    """One audit in a fresh folder: (loop seconds, total seconds, seconds inside generation)."""
-    first_call, inside_generation, last_record = [], [], []
+def audit_once(args, paired_plain=None) -> tuple[float, float, float, float]:
+    r"""
+    One audit in a fresh folder: (loop seconds, total seconds, seconds inside generation, paired plain seconds).
+
+    With `paired_plain` (a plain pipeline), each prompt is also sampled by it right after the audit generated it
+    (timed apart and left out of the audit's times), so both see the same machine load.
+    """
+    first_call, inside_generation, last_record, paired = [], [], [], []
     real_generate = core.generate_images
 
-    def timed_generate(*a, **k):
-        first_call.append(time.perf_counter())
-        images = real_generate(*a, **k)
-        inside_generation.append(time.perf_counter() - first_call[-1])
+    def timed_generate(pipeline, prompts, *a, **k):
+        start = time.perf_counter()
+        first_call.append(start)
+        images = real_generate(pipeline, prompts, *a, **k)
+        inside_generation.append(time.perf_counter() - start)
+        if paired_plain is not None:
+            paired.append(plain_sampling(paired_plain, prompts, args.images, args.batch_size, args.steps))
         return images
 
     core.generate_images = timed_generate
@@ -74,7 +83,8 @@ def audit_once(args) -> tuple[float, float, float]:
         finally:
             core.generate_images = real_generate
         total = time.perf_counter() - start
-    return last_record[-1] - first_call[0], total, sum(inside_generation)
+    loop = last_record[-1] - first_call[0] - sum(paired)
+    return loop, total - sum(paired), sum(inside_generation), sum(paired)
 
 
 def main():
@@ -95,12 +105,13 @@ def main():
     plain_times, loops, totals, generation, own_work = [], [], [], [], []
     for _ in range(args.rounds):
         plain_times.append(plain_sampling(plain, prompts, args.images, args.batch_size, args.steps))
-        loop, total, inside = audit_once(args)
+        loop, total, inside, _ = audit_once(args)
         loops.append(loop)
         totals.append(total)
         generation.append(inside)
         own_work.append((loop - inside) / inside)
     baseline, loop, total = min(plain_times), min(loops), min(totals)
+    paired_loop, _, paired_generation, paired_plain = audit_once(args, paired_plain=plain)
     n = args.prompts * args.images
     result = {
         "images": n,
@@ -117,6 +128,10 @@ def main():
         "audit_own_work_fraction": [round(f, 4) for f in own_work],
         "ratio_audit_loop_over_plain": round(loop / baseline, 3),
         "ratio_audit_total_over_plain": round(total / baseline, 3),
+        "paired_plain_s": round(paired_plain, 2),
+        "paired_audit_loop_s": round(paired_loop, 2),
+        "paired_audit_generation_s": round(paired_generation, 2),
+        "paired_ratio_audit_loop_over_plain": round(paired_loop / paired_plain, 3),
     }
     print(json.dumps(result, indent=2))
 

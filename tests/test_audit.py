@@ -301,3 +301,15 @@ def test_missing_matplotlib_names_the_report_extra(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"diffusers-fair\[report\]"):
         run_audit(parse_args([*FAST, "--output", str(tmp_path / "out")]))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_saved_pipeline_folder_audits_like_the_miniature_name(finished_audit, tmp_path):
+    folder = str(tmp_path / "pipeline")
+    load_pipeline().save_pretrained(folder)  # a FairStableDiffusionPipeline folder, not loadable by stock diffusers
+    output = str(tmp_path / "out")
+    args = [a if a != "miniature" else folder for a in FAST]
+    report = run_audit(parse_args([*args, "--max-prompts", "1", "--guidance-scale", "3.0", "--output", output]))
+    assert report["arguments"]["model"] == folder
+    reference_output, reference = finished_audit
+    assert torch.equal(core.load_images(output, "base", 0, 3), core.load_images(reference_output, "base", 0, 3))
+    assert report["prompts"][0]["attributes"] == reference["prompts"][0]["attributes"]

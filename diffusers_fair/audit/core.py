@@ -169,7 +169,12 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
         if not os.path.isdir(model) and _looks_like_path(model):
             raise ValueError(f"`--model` {model!r} does not exist; give a pipeline folder, a Hub id or 'miniature'.")
         try:
-            pipeline = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+            pipeline_class = DiffusionPipeline
+            # Stock diffusers resolves `_class_name` inside `diffusers`, so a saved FairStableDiffusionPipeline needs
+            # its own class.
+            if DiffusionPipeline.load_config(model).get("_class_name") == "FairStableDiffusionPipeline":
+                from ..pipeline_fair_stable_diffusion import FairStableDiffusionPipeline as pipeline_class
+            pipeline = pipeline_class.from_pretrained(model, dtype=dtype)
         except (OSError, ValueError) as error:
             raise ValueError(f"`--model` {model!r} could not be loaded as a diffusers pipeline: {error}") from error
     pipeline = pipeline.to(device)

@@ -62,10 +62,10 @@ def _chromium():
 def test_report_page_renders_in_headless_chromium(tmp_path):
     from PIL import Image
 
+    from diffusers_fair.audit import parse_args, run_audit
+
     output = str(tmp_path / "out")
-    process = _run(output)
-    log = process.communicate(timeout=300)[0].decode()
-    assert process.returncode == 0, log[-2000:]
+    run_audit(parse_args([*ARGS, "--output", output]))
     screenshot = str(tmp_path / "page.png")
     result = subprocess.run(
         [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,1600",

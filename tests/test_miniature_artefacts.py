@@ -52,7 +52,8 @@ def test_shipped_weights_are_small_safetensors_with_model_cards():
 
 def test_pipeline_loads_offline_and_generates():
     pipeline = load_pipeline()
-    assert type(pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert type(pipeline).__name__ == "FairStableDiffusionPipeline"
+    assert type(pipeline.scheduler).__name__ == "BiasedGradientScheduler"  # DPM-Solver++ with gradient scales
     assert pipeline.scheduler.config.algorithm_type == "dpmsolver++"
     assert pipeline.tokenizer.model_max_length == 77
     kwargs = dict(num_images_per_prompt=2, num_inference_steps=20, guidance_scale=3.0, output_type="pt")

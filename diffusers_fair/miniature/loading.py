@@ -25,7 +25,7 @@ def _weights_dir(weights_dir: str | os.PathLike | None) -> Path:
 
 def load_pipeline(weights_dir: str | os.PathLike | None = None):
     r"""
-    Loads the miniature Stable Diffusion with a DPM-Solver++ `DPMSolverMultistepScheduler`.
+    Loads the miniature Stable Diffusion with a DPM-Solver++ scheduler ([`BiasedGradientScheduler`]).
 
     Generate 32x32 images with `num_inference_steps=DEFAULT_NUM_INFERENCE_STEPS` (20) and
     `guidance_scale=DEFAULT_GUIDANCE_SCALE` (3.0), the settings of the measurements in the miniature README (the
@@ -37,22 +37,15 @@ def load_pipeline(weights_dir: str | os.PathLike | None = None):
             package.
 
     Returns:
-        `FairStableDiffusionPipeline` (a `StableDiffusionPipeline` while the engine module is not available), in
-        float32 on CPU, without safety checker.
+        `FairStableDiffusionPipeline` in float32 on CPU, without safety checker.
     """
-    from diffusers import DPMSolverMultistepScheduler
-
-    # TODO: remove this fallback once `diffusers_fair.pipeline_fair_stable_diffusion` has landed on main.
-    try:
-        from ..pipeline_fair_stable_diffusion import FairStableDiffusionPipeline as pipeline_class
-    except ImportError:
-        from diffusers import StableDiffusionPipeline as pipeline_class
+    from ..pipeline_fair_stable_diffusion import FairStableDiffusionPipeline
+    from ..scheduling_biased_gradient import BiasedGradientScheduler
 
     folder = _weights_dir(weights_dir) / "pipeline"
-    pipeline = pipeline_class.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
-        pipeline.scheduler.config, algorithm_type="dpmsolver++"
-    )
+    pipeline = FairStableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    # DPM-Solver++; its forward is DPMSolverMultistepScheduler's, and it also carries the biased-gradient scales.
+    pipeline.scheduler = BiasedGradientScheduler.from_config(pipeline.scheduler.config, algorithm_type="dpmsolver++")
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

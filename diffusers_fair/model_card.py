@@ -9,10 +9,10 @@ TEMPLATE_PATH = os.path.join(os.path.dirname(__file__), "templates", "fair_adapt
 TAGS = ["diffusers", "lora", "text-to-image", "stable-diffusion", "fairness", "diffusers-training"]
 
 
-def _format(value: tuple[float, float] | float | None) -> str:
+def _format(value: Sequence[float] | float | None) -> str:
     if value is None:
         return "n/a"
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return f"{value[0]:.3f} ± {value[1]:.3f}"
     return f"{value:.3f}"
 

@@ -18,7 +18,7 @@ from ..metrics import classify_images, clip_text_similarity, generate_images, im
 CONFIG_FILE = "audit.json"
 CACHE_DIR = "cache"
 IMAGES_DIR = "images"
-MINIATURE_CLASSIFIERS = {"miniature-train": "train", "miniature-eval": "eval"}
+MINIATURE_CLASSIFIERS = {"miniature-train": "train", "miniature-eval": "eval", "miniature-context": "context"}
 BASE = "base"
 
 
@@ -140,7 +140,7 @@ def parse_args(input_args: Sequence[str] | None = None) -> argparse.Namespace:
 # --- loading ------------------------------------------------------------------------------------------------------
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     return os.path.exists(name) or name.startswith((".", "/", "~")) or os.sep + os.sep in name
 
 
@@ -166,7 +166,7 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
                 "folder written by `pipeline.save_pretrained`, a Hub id such as 'runwayml/stable-diffusion-v1-5', or "
                 "'miniature'."
             )
-        if not os.path.isdir(model) and _looks_like_path(model):
+        if not os.path.isdir(model) and looks_like_path(model):
             raise ValueError(f"`--model` {model!r} does not exist; give a pipeline folder, a Hub id or 'miniature'.")
         try:
             pipeline_class = DiffusionPipeline
@@ -185,7 +185,7 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
 def load_loras(pipeline, loras: Sequence[str], names: Sequence[str], model: str) -> None:
     """Loads each LoRA as a named adapter and checks it attached to the pipeline (a LoRA for another base fails)."""
     for path, name in zip(loras, names):
-        if _looks_like_path(path) and not os.path.exists(path):
+        if looks_like_path(path) and not os.path.exists(path):
             raise ValueError(f"`--lora` {path!r} does not exist; give a folder with the LoRA weights or a Hub id.")
         try:
             pipeline.load_lora_weights(path, adapter_name=name)
@@ -222,7 +222,7 @@ def load_classifier(name: str, device: str):
     if name in MINIATURE_CLASSIFIERS:
         classifier = miniature.load_classifier(MINIATURE_CLASSIFIERS[name])
     else:
-        if _looks_like_path(name) and not os.path.isdir(name):
+        if looks_like_path(name) and not os.path.isdir(name):
             raise ValueError(
                 f"`--classifier` {name!r} is not a folder; give a folder written by `AttributeClassifier."
                 f"save_pretrained`, a Hub id, or one of {sorted(MINIATURE_CLASSIFIERS)}."

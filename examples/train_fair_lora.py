@@ -1,0 +1,516 @@
+#!/usr/bin/env python
+"""Fair finetuning of a Stable Diffusion pipeline (Shen et al., ICLR 2024) with Accelerate.
+
+    accelerate launch examples/train_fair_lora.py --pretrained_model_name_or_path miniature --output_dir out
+    python examples/train_fair_lora.py --config my_run.yaml
+
+With `--pretrained_model_name_or_path miniature` every other flag defaults to the miniature world shipped with the
+package (its classifiers, CLIP, a uniform `hair` target, its train / held-out occupations) and a demo budget.
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from diffusers_fair import (
+    DistributionalAlignmentLoss,
+    FairStableDiffusionPipeline,
+    ImageSemanticsLoss,
+    TargetDistribution,
+)
+from diffusers_fair.audit.core import load_classifier as load_any_classifier
+from diffusers_fair.audit.core import load_clip, looks_like_path
+from diffusers_fair.faces import load_detector
+from diffusers_fair.model_card import make_model_card
+from diffusers_fair.pipeline_fair_stable_diffusion import adapters_disabled
+from diffusers_fair.prompts import load_prompts
+from diffusers_fair.training import FINETUNE_MODES, FairFinetuningObjective, add_fair_adapters, evaluate_adapters
+
+logger = get_logger(__name__)
+
+MINIATURE = "miniature"
+MINIATURE_DEFAULTS = {  # the demo: <= 10 minutes on 2 CPU cores
+    "classifier": "miniature-train",
+    "eval_classifier": "miniature-eval",
+    "context_classifier": "miniature-context",
+    "semantics_encoders": ["miniature"],
+    "target": "hair=uniform",
+    "train_prompts": "miniature-train",
+    "eval_prompts": "miniature-heldout",
+    "resolution": 32,
+    "guidance_scale": 3.0,
+    "num_inference_steps": 10,
+    "images_per_prompt": 16,
+    "eval_images_per_prompt": 32,
+    "max_train_steps": 60,
+    "learning_rate": 1e-3,
+    "rank": 8,
+    "confidence_threshold": 0.6,
+    "lambda_img_agree": 8.0,
+    "lambda_img_nonface": 1.6,
+    "lambda_img_face": 0.32,
+}
+GENERIC_DEFAULTS = {
+    "semantics_encoders": ["laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "facebook/dinov2-base"],
+    "resolution": 512,
+    "guidance_scale": 7.5,
+    "num_inference_steps": 20,
+    "images_per_prompt": 24,
+    "eval_images_per_prompt": 60,
+    "max_train_steps": 10000,
+    "learning_rate": 5e-5,
+    "rank": 50,
+    "confidence_threshold": 0.8,
+    "lambda_img_agree": 8.0,
+    "lambda_img_nonface": 1.6,
+    "lambda_img_face": 0.32,
+}
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML or JSON file whose keys are these flags' names.")
+    add = parser.add_argument
+    # diffusers' usual flags
+    add("--pretrained_model_name_or_path", default=MINIATURE, help="A Hub id, a folder, or 'miniature'.")
+    add("--revision", default=None)
+    add("--variant", default=None)
+    add("--output_dir", default="fair-lora")
+    add("--seed", type=int, default=0)
+    add("--resolution", type=int, default=None, help="Image side in pixels.")
+    add("--train_batch_size", type=int, default=1, help="Prompts per step and process.")
+    add("--max_train_steps", type=int, default=None)
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--gradient_checkpointing", action="store_true")
+    add("--learning_rate", type=float, default=None)
+    add("--lr_scheduler", default="constant")
+    add("--lr_warmup_steps", type=int, default=0)
+    add("--max_grad_norm", type=float, default=1.0)
+    add("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    add("--report_to", default=None, help="An Accelerate tracker ('tensorboard', 'wandb'); none by default.")
+    add("--checkpointing_steps", type=int, default=200)
+    add("--checkpoints_total_limit", type=int, default=None)
+    add("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    add("--rank", type=int, default=None, help="LoRA rank.")
+    add("--validation_prompts", nargs="*", default=None, help="Prompts of the validation grid.")
+    add("--validation_steps", type=int, default=None, help="Evaluate every this many steps (and at the end).")
+    add("--push_to_hub", action="store_true")
+    add("--hub_model_id", default=None)
+    add("--hub_token", default=None)
+    # the method's flags
+    add("--target", default=None, help="A TargetDistribution string, e.g. 'gender=uniform;age=young:0.75,old:0.25'.")
+    add("--target_config", default=None, help="A YAML/JSON file with the target distribution.")
+    add("--classifier", default=None, help="Folder or Hub id of an AttributeClassifier, or 'clip-zero-shot'.")
+    add("--eval_classifier", default=None, help="An independent classifier for evaluation (default: --classifier).")
+    add("--context_classifier", default=None, help="A classifier whose agreement with the originals is reported.")
+    add(
+        "--clip_zero_shot_model", default="openai/clip-vit-large-patch14", help="CLIP for --classifier clip-zero-shot."
+    )
+    add("--train_prompts", default=None, help="A text file (one prompt per line) or a shipped prompt set.")
+    add("--eval_prompts", default=None, help="A text file or a shipped prompt set (prompts never trained on).")
+    add("--finetune", default="text_encoder_lora", choices=FINETUNE_MODES)
+    add("--num_prefix_tokens", type=int, default=5)
+    add("--gradient", default="biased", choices=["biased", "naive"])
+    add("--backprop_steps", type=int, default=None)
+    add("--num_inference_steps", type=int, default=None)
+    add("--num_inference_steps_jitter", type=int, default=0, help="Draw steps in [T - j, T + j] (paper: 19-23).")
+    add("--guidance_scale", type=float, default=None)
+    add("--confidence_threshold", type=float, default=None, help="C of the DAL (paper: 0.6-0.8).")
+    add("--lambda_img_agree", type=float, default=None)
+    add("--lambda_img_face", type=float, default=None)
+    add("--lambda_img_nonface", type=float, default=None)
+    add("--lambda_face", type=float, default=0.0, help="Face-realism loss weight (library API only, see --help).")
+    add("--face_detector", default=None, help="Face-centric mode: a detector of diffusers_fair.faces.load_detector.")
+    add("--face_crop_size", type=int, default=224, help="Side of the face crops the classifier sees.")
+    add("--semantics_encoders", nargs="*", default=None, help="CLIP / DINOv2 ids or folders; none disables it.")
+    add("--images_per_prompt", type=int, default=None, help="N, the DAL's batch, per process.")
+    add("--eval_images_per_prompt", type=int, default=None)
+    add(
+        "--frozen_unconditional",
+        action="store_true",
+        help="Keep guidance's empty-prompt embedding from the frozen text encoder while training. Stock diffusers "
+        "runs the empty prompt through the adapted encoder, so the adaptor must then be used with "
+        "`negative_prompt_embeds` from the base encoder.",
+    )
+
+    config_args, _ = parser.parse_known_args(input_args)
+    if config_args.config:
+        with open(config_args.config, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+        unknown = sorted(set(config) - set(vars(config_args)))
+        if unknown:
+            raise ValueError(f"`--config` {config_args.config!r} has unknown keys {unknown}; use the flags' names.")
+        parser.set_defaults(**config)
+    args = parser.parse_args(input_args)
+    defaults = MINIATURE_DEFAULTS if args.pretrained_model_name_or_path == MINIATURE else GENERIC_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.max_train_steps < 1:
+        raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
+    if args.validation_steps is None:
+        args.validation_steps = args.max_train_steps
+    if args.classifier is None:
+        raise ValueError(
+            "`--classifier` is required: a folder or Hub id of an AttributeClassifier, or 'clip-zero-shot'."
+        )
+    if args.target is None and args.target_config is None:
+        raise ValueError("Pass `--target` (e.g. 'gender=uniform') or `--target_config FILE`.")
+    if args.train_prompts is None or args.eval_prompts is None:
+        raise ValueError("Pass `--train_prompts` and `--eval_prompts` (a text file or a shipped prompt set).")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise ValueError(
+            "You cannot use both `--report_to=wandb` and `--hub_token`: the token would be logged to wandb. "
+            "Log in with `hf auth login` instead."
+        )
+    if args.lambda_face > 0:
+        raise ValueError(
+            "`--lambda_face` needs a face embedder and a face bank, which have no standard file format to name here; "
+            "build them with `diffusers_fair.faces` and pass `FaceRealismLoss` to `FairFinetuningObjective`, or use 0."
+        )
+    return args
+
+
+def load_pipeline(args):
+    if args.pretrained_model_name_or_path == MINIATURE:
+        from diffusers_fair.miniature import load_pipeline as load_miniature
+
+        return load_miniature()
+    path = args.pretrained_model_name_or_path
+    if (os.path.exists(path) or looks_like_path(path)) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise ValueError(
+            f"`--pretrained_model_name_or_path` {path!r} is not a diffusers pipeline folder (no model_index.json); "
+            "give a folder written by `save_pretrained`, a Hub id, or 'miniature'."
+        )
+    return FairStableDiffusionPipeline.from_pretrained(
+        path, revision=args.revision, variant=args.variant, safety_checker=None, requires_safety_checker=False
+    )
+
+
+def load_classifier(name: str, args):
+    if name == "clip-zero-shot":
+        from transformers import CLIPModel, CLIPTokenizer
+
+        from diffusers_fair import CLIPZeroShotClassifier
+
+        clip = CLIPModel.from_pretrained(args.clip_zero_shot_model)
+        tokenizer = CLIPTokenizer.from_pretrained(args.clip_zero_shot_model)
+        return CLIPZeroShotClassifier.from_clip(clip, tokenizer, target_attributes(args))
+    return load_any_classifier(name, "cpu")  # moved to the accelerator's device by the caller
+
+
+def target_attributes(args) -> dict[str, list[str]]:
+    return load_target(args).attributes
+
+
+def load_target(args, classifier_attributes=None) -> TargetDistribution:
+    if args.target_config:
+        return TargetDistribution.from_file(args.target_config)
+    return TargetDistribution.from_string(args.target, attributes=classifier_attributes)
+
+
+def load_semantics(args):
+    encoders = {}
+    for name in args.semantics_encoders:
+        if name in ("miniature", "miniature-clip"):
+            encoders["clip"] = load_clip("miniature", "cpu")[0]
+        else:
+            from transformers import AutoModel
+
+            encoders[os.path.basename(name.rstrip("/"))] = AutoModel.from_pretrained(name)
+    return ImageSemanticsLoss(encoders) if encoders else None
+
+
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    """A generator determined by the seed and the step's keys: resuming reproduces the same noise and prompts."""
+    return torch.Generator().manual_seed(zlib.crc32(json.dumps([seed, *keys]).encode()))
+
+
+def main(input_args: list[str] | None = None) -> dict:
+    args = parse_args(input_args)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    device = accelerator.device
+
+    # 1. Models, target, losses
+    pipe = load_pipeline(args).to(device)
+    classifier = load_classifier(args.classifier, args).to(device).eval()
+    target = load_target(args, classifier.attributes)
+    missing = sorted(set(target.attributes) - set(classifier.attributes))
+    if missing:
+        raise ValueError(
+            f"The target aligns {missing}, which `--classifier` {args.classifier!r} does not predict "
+            f"(it has {sorted(classifier.attributes)})."
+        )
+    objective = FairFinetuningObjective(
+        classifier,
+        DistributionalAlignmentLoss(target, args.confidence_threshold, classifier.attributes, seed=args.seed),
+        load_semantics(args),
+        args.lambda_img_agree,
+        args.lambda_img_nonface,
+        args.lambda_img_face,
+        face_detector=load_detector(args.face_detector) if args.face_detector else None,
+        face_crop_size=args.face_crop_size,
+    ).to(device)
+    eval_classifier = load_classifier(args.eval_classifier or args.classifier, args).to(device).eval()
+    context_classifier = load_classifier(args.context_classifier, args).to(device) if args.context_classifier else None
+    train_prompts, eval_prompts = load_prompts(args.train_prompts), load_prompts(args.eval_prompts)
+
+    set_seed(args.seed)  # the adaptor's initialisation
+    adapters = add_fair_adapters(pipe, args.finetune, rank=args.rank, num_prefix_tokens=args.num_prefix_tokens)
+    if args.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        pipe.text_encoder.gradient_checkpointing_enable()
+    params = adapters.parameters()
+    weight_decay = 0.0 if args.finetune == "prompt_prefix" else 1e-2  # decay would move the frozen embedding rows
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=weight_decay)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+    )
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    # Only the adaptor goes into checkpoints (safetensors), next to Accelerate's optimizer / scheduler / RNG state.
+    accelerator.register_save_state_pre_hook(lambda models, weights, folder: adapters.save_state(folder))
+    accelerator.register_load_state_pre_hook(lambda models, folder: adapters.load_state(folder))
+
+    negative_prompt_embeds = None
+    if args.frozen_unconditional:
+        with torch.no_grad(), adapters_disabled(pipe.text_encoder):
+            negative_prompt_embeds = pipe.encode_prompt("", device, args.images_per_prompt, False)[0]
+
+    # 2. Resume
+    global_step = 0
+    if args.resume_from_checkpoint:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            checkpoints = sorted(
+                (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-"))
+                if os.path.isdir(args.output_dir)
+                else [],
+                key=lambda d: int(d.split("-")[1]),
+            )
+            path = os.path.join(args.output_dir, checkpoints[-1]) if checkpoints else None
+        if path is None:
+            logger.info("No checkpoint to resume from; starting a new run.")
+        else:
+            if not os.path.isdir(path):
+                raise ValueError(f"`--resume_from_checkpoint` {path!r} is not a checkpoint folder.")
+            accelerator.load_state(path)
+            global_step = int(os.path.basename(path.rstrip("/")).split("-")[1])
+            logger.info(f"Resumed from {path} at step {global_step}.")
+
+    if accelerator.is_main_process:
+        tracker_config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)}
+        if args.report_to:
+            accelerator.init_trackers("fair-finetuning", config=tracker_config)
+
+    # 3. Evaluation before training (the base model: adaptors disabled)
+    evaluation = {}
+    if global_step == 0 or not os.path.isfile(os.path.join(args.output_dir, "evaluation_before.json")):
+        evaluation["before"] = evaluate(adapters, eval_prompts, eval_classifier, None, args, enabled=False)
+        if accelerator.is_main_process:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, "evaluation_before.json"), "w", encoding="utf-8") as f:
+                json.dump(evaluation["before"], f, indent=2)
+    else:
+        with open(os.path.join(args.output_dir, "evaluation_before.json"), encoding="utf-8") as f:
+            evaluation["before"] = json.load(f)
+
+    # 4. Training loop: pick prompts, draw noise, one engine call for finetuned + original images, losses, step
+    gather = accelerator.gather if accelerator.num_processes > 1 else None
+    progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    while global_step < args.max_train_steps:
+        start = time.perf_counter()
+        logs = {}
+        for micro in range(args.gradient_accumulation_steps):
+            order = step_generator(args.seed, global_step, micro, accelerator.process_index)
+            picks = torch.randint(len(train_prompts), (args.train_batch_size,), generator=order).tolist()
+            steps = args.num_inference_steps + int(
+                torch.randint(
+                    -args.num_inference_steps_jitter, args.num_inference_steps_jitter + 1, (1,), generator=order
+                )
+            )
+            for k, pick in enumerate(picks):
+                prompt = train_prompts[pick]
+                with accelerator.autocast():
+                    out = pipe(
+                        prompt=adapters.apply_prompt([prompt]),
+                        height=args.resolution,
+                        width=args.resolution,
+                        num_images_per_prompt=args.images_per_prompt,
+                        num_inference_steps=steps,
+                        guidance_scale=args.guidance_scale,
+                        negative_prompt_embeds=negative_prompt_embeds,
+                        generator=step_generator(args.seed, global_step, micro, k, accelerator.process_index),
+                        output_type="pt",
+                        gradient=args.gradient,
+                        backprop_steps=args.backprop_steps,
+                        backprop_generator=step_generator(args.seed, global_step, micro, k, -1),
+                        return_original=True,
+                        original_prompt=[prompt],
+                    )
+                    loss, step_logs = objective(
+                        out.images.float(),
+                        out.original_images.float(),
+                        gather=gather,
+                        process_index=accelerator.process_index,
+                    )
+                accelerator.backward(loss / (args.gradient_accumulation_steps * len(picks)))
+                for key, value in step_logs.items():
+                    logs[key] = logs.get(key, 0.0) + value / (args.gradient_accumulation_steps * len(picks))
+        # Data parallelism without DDP wrappers (the pipeline calls the modules itself): average the gradients.
+        for p in params:
+            if p.grad is not None and accelerator.num_processes > 1:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+        finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+        if finite:
+            logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
+            optimizer.step()
+            lr_scheduler.step()
+        else:
+            logger.warning(f"Step {global_step}: the gradient is not finite; the update is skipped.")
+            logs["skipped_steps"] = 1.0
+        optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+        logs.update(lr=lr_scheduler.get_last_lr()[0], step_time=time.perf_counter() - start)
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss/total']:.3f}")
+        accelerator.log(logs, step=global_step)
+
+        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            save_checkpoint(accelerator, args, global_step)
+        if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+            metrics = evaluate(adapters, eval_prompts, eval_classifier, context_classifier, args)
+            accelerator.log({f"eval/{k}": v[0] for k, v in metrics["summary"].items()}, step=global_step)
+
+    # 5. Final evaluation, adaptor, model card, Hub
+    evaluation["after"] = evaluate(adapters, eval_prompts, eval_classifier, context_classifier, args)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        weight_name = adapters.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "evaluation.json"), "w", encoding="utf-8") as f:
+            json.dump(evaluation, f, indent=2)
+        write_model_card(args, target, weight_name, evaluation, len(eval_prompts))
+        before = evaluation["before"]["summary"]
+        for name, (mean, sd) in evaluation["after"]["summary"].items():
+            start = f"{before[name][0]:.3f} ± {before[name][1]:.3f} -> " if name in before else ""
+            logger.info(f"{name} on the eval prompts: {start}{mean:.3f} ± {sd:.3f}")
+        if args.push_to_hub:
+            push_to_hub(args)
+    accelerator.end_training()
+    return evaluation
+
+
+def evaluate(adapters, prompts, classifier, context_classifier, args, enabled: bool = True) -> dict:
+    return evaluate_adapters(
+        adapters,
+        prompts,
+        classifier,
+        args.eval_images_per_prompt,
+        context_classifier,
+        enabled,
+        seed=args.seed,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        height=args.resolution,
+        width=args.resolution,
+    )
+
+
+def save_checkpoint(accelerator, args, step: int) -> None:
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        checkpoints = sorted(
+            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
+        )
+        for old in checkpoints[: max(len(checkpoints) - args.checkpoints_total_limit + 1, 0)]:
+            shutil.rmtree(os.path.join(args.output_dir, old))
+    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
+
+
+def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_prompts: int) -> None:
+    if weight_name.startswith("pytorch_lora"):
+        usage = (
+            "from diffusers import StableDiffusionPipeline\n\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
+            f'pipe.load_lora_weights("{args.hub_model_id or args.output_dir}")\n'
+            'image = pipe("a photo of the face of a doctor, a person").images[0]'
+        )
+    else:
+        usage = (
+            "from diffusers import StableDiffusionPipeline\n\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
+            f'pipe.load_textual_inversion("{args.hub_model_id or args.output_dir}", weight_name="{weight_name}")\n'
+            "# every prompt starts with the learned token\n"
+            'image = pipe("<fair> a photo of the face of a doctor, a person").images[0]'
+        )
+    settings = {
+        key: getattr(args, key)
+        for key in (
+            "finetune",
+            "rank",
+            "learning_rate",
+            "max_train_steps",
+            "images_per_prompt",
+            "num_inference_steps",
+            "guidance_scale",
+            "gradient",
+            "backprop_steps",
+            "confidence_threshold",
+            "lambda_img_agree",
+            "lambda_img_nonface",
+            "lambda_img_face",
+            "train_prompts",
+            "eval_prompts",
+            "seed",
+        )
+    }
+    card = make_model_card(
+        base_model=args.pretrained_model_name_or_path,
+        target=target.to_string(),
+        classifier=args.classifier,
+        attributes=list(target.attributes),
+        metrics_before=evaluation["before"]["summary"],
+        metrics_after=evaluation["after"]["summary"],
+        settings=settings,
+        usage=usage,
+        eval_classifier=args.eval_classifier,
+        num_eval_prompts=num_eval_prompts,
+        eval_images_per_prompt=args.eval_images_per_prompt,
+    )
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+def push_to_hub(args) -> None:
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(
+        args.hub_model_id or os.path.basename(args.output_dir), exist_ok=True, token=args.hub_token
+    ).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="Fairness adaptor trained with diffusers-fair",
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp"],
+        token=args.hub_token,
+    )
+
+
+if __name__ == "__main__":
+    main()

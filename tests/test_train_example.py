@@ -1,0 +1,143 @@
+"""`examples/train_fair_lora.py` end to end on the miniature world (tiny budgets)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from diffusers_fair.metrics import generate_images, score_images
+from diffusers_fair.miniature import WEIGHTS_DIR, load_classifier, load_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("train_fair_lora", os.path.join(ROOT, "examples", "train_fair_lora.py"))
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+
+
+@pytest.fixture(scope="module")
+def eval_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "eval.txt"
+    path.write_text("a photo of the face of a miner, a person\na photo of the face of a midwife, a person\n")
+    return str(path)
+
+
+def tiny_run(output_dir, eval_prompts, *extra):
+    return [
+        "--output_dir", str(output_dir), "--eval_prompts", eval_prompts, "--images_per_prompt", "4",
+        "--num_inference_steps", "3", "--eval_images_per_prompt", "2", "--max_train_steps", "2", "--rank", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("finetune", ["text_encoder_lora", "unet_lora", "text_encoder_and_unet_lora", "prompt_prefix"])
+def test_two_steps_per_mode_write_an_adaptor_stock_diffusers_reproduces(finetune, tmp_path, eval_prompts):
+    evaluation = train.main(tiny_run(tmp_path, eval_prompts, "--finetune", finetune))
+    assert set(evaluation) == {"before", "after"}
+    assert "bias/hair" in evaluation["after"]["summary"] and "context_kept" in evaluation["after"]["summary"]
+    weight_name = "learned_embeds.safetensors" if finetune == "prompt_prefix" else "pytorch_lora_weights.safetensors"
+    assert {weight_name, "README.md", "evaluation.json", "evaluation_before.json"} <= set(os.listdir(tmp_path))
+
+    # Stock diffusers with the saved adaptor draws the same images from the same seeds: the same classes as the
+    # script's own evaluation of its in-memory model.
+    stock = StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR / "pipeline", safety_checker=None)
+    stock.scheduler = load_pipeline().scheduler
+    stock.set_progress_bar_config(disable=True)
+    if finetune == "prompt_prefix":
+        stock.load_textual_inversion(tmp_path, weight_name=weight_name)
+    else:
+        stock.load_lora_weights(tmp_path)
+
+    def adapted(prompt, **kwargs):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        return stock(prompt=[f"<fair> {p}" if finetune == "prompt_prefix" else p for p in prompts], **kwargs)
+
+    prompts = [row["prompt"] for row in evaluation["after"]["per_prompt"]]
+    images = generate_images(adapted, prompts, 2, num_inference_steps=3, guidance_scale=3.0, progress_bar=False,
+                             height=32, width=32)  # fmt: skip
+    rescored = score_images(images, load_classifier("eval"))
+    for row, ours in zip(rescored.per_prompt, evaluation["after"]["per_prompt"]):
+        assert row["freq/hair"] == ours["freq/hair"] and row["freq/skin"] == ours["freq/skin"]
+
+
+def test_resume_continues_exactly(tmp_path, eval_prompts, monkeypatch):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    schedule = ["--max_train_steps", "4", "--checkpointing_steps", "2"]
+    train.main(tiny_run(whole, eval_prompts, *schedule))
+
+    original = train.save_checkpoint
+
+    def crash_after_first_checkpoint(accelerator, run_args, step):
+        original(accelerator, run_args, step)
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_run(resumed, eval_prompts, *schedule))
+    assert os.path.isdir(resumed / "checkpoint-2") and not os.path.exists(resumed / "pytorch_lora_weights.safetensors")
+    monkeypatch.setattr(train, "save_checkpoint", original)
+    train.main(tiny_run(resumed, eval_prompts, *schedule, "--resume_from_checkpoint", "latest"))
+    a = load_file(whole / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class Repo:
+        repo_id = "org/fair-miniature"
+
+    monkeypatch.setattr(
+        huggingface_hub, "create_repo", lambda repo_id, **kw: calls.setdefault("create", (repo_id, kw)) and Repo()
+    )
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
+    token = "hf_secret_token_123"
+    train.main(tiny_run(tmp_path, eval_prompts, "--push_to_hub", "--hub_model_id", "org/fair-miniature",
+                        "--hub_token", token, "--checkpointing_steps", "1"))  # fmt: skip
+    assert calls["create"][0] == "org/fair-miniature" and calls["create"][1]["token"] == token
+    upload = calls["upload"]
+    assert upload["repo_id"] == "org/fair-miniature" and upload["folder_path"] == str(tmp_path)
+    assert "checkpoint-*" in upload["ignore_patterns"]
+    for root, _, names in os.walk(tmp_path):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                assert token.encode() not in f.read(), f"token leaked into {name}"
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "diffusers" and "fairness" in card.data.tags
+    assert card.data.base_model == "miniature"
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    before = evaluation["before"]["summary"]["bias/hair"]
+    assert f"{before[0]:.3f} ± {before[1]:.3f}" in card.text
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--target", "hair=short:0.5,curly:0.5"], "curly"),
+        (["--target", "gender=uniform"], "gender"),
+        (
+            ["--pretrained_model_name_or_path", "/nonexistent/model", "--classifier", "miniature-train"]
+            + ["--target", "hair=uniform", "--train_prompts", "miniature-train", "--semantics_encoders"],
+            "pretrained_model_name_or_path",
+        ),
+        (["--pretrained_model_name_or_path", "org/sd", "--target", "hair=uniform"], "--classifier"),
+        (["--report_to", "wandb", "--hub_token", "x"], "hub_token"),
+        (["--max_train_steps", "0"], "max_train_steps"),
+    ],
+)
+def test_bad_flags_give_clear_errors(flags, message, tmp_path, eval_prompts):
+    with pytest.raises(ValueError, match=message):
+        train.main(tiny_run(tmp_path, eval_prompts) + flags)
+
+
+def test_unknown_flag_is_refused(tmp_path, eval_prompts, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(tiny_run(tmp_path, eval_prompts, "--output_type", "pil"))
+    assert "--output_type" in capsys.readouterr().err

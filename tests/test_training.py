@@ -134,3 +134,42 @@ def test_errors():
     add_fair_adapters(pipe, "prompt_prefix", num_prefix_tokens=2)
     with pytest.raises(ValueError, match="prefix_token"):
         add_fair_adapters(pipe, "prompt_prefix", num_prefix_tokens=2)
+
+
+def test_objective_face_centric_mode_classifies_the_largest_face_and_excludes_faceless_images():
+    from diffusers_fair.faces import FaceDetector
+
+    class HalfDetector(FaceDetector):
+        """A stand-in detector: the left half of every image with an even index is a face; odd images have none."""
+
+        def __init__(self):
+            super().__init__(score_threshold=0.5)
+
+        def _detect(self, images):
+            width = images.shape[2]
+            return [[[0, 0, width // 2, width // 2, 0.9]] if i % 2 == 0 else [] for i in range(len(images))]
+
+    seen = []
+
+    class RecordingClassifier(BrightnessClassifier):
+        def forward(self, images):
+            seen.append(images.shape)
+            return super().forward(images)
+
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 16, 16, requires_grad=True)
+    originals = torch.rand(4, 3, 16, 16)
+    classifier = RecordingClassifier()
+    dal = DistributionalAlignmentLoss("brightness=uniform", 0.0, classifier.attributes, seed=0)
+    semantics = ImageSemanticsLoss({"clip": tiny_clip_model()})
+    masks = []
+    original_forward = dal.forward
+    dal.forward = lambda logits, mask=None, **kw: masks.append(mask) or original_forward(logits, mask, **kw)
+    objective = FairFinetuningObjective(classifier, dal, semantics, face_detector=HalfDetector(), face_crop_size=8)
+    loss, logs = objective(images, originals)
+    assert seen[0] == (4, 3, 8, 8)  # the classifier sees the face crops
+    assert masks[0].tolist() == [True, False, True, False]  # faceless images leave the alignment
+    loss.backward()
+    assert images.grad.abs().sum() > 0
+    # gradients reach only pixels that a loss sees: the faceless images through the semantics loss alone
+    assert images.grad[1].abs().sum() > 0

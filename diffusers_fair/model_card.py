@@ -63,7 +63,9 @@ def make_model_card(
         for name in names
     ]
     card_data = ModelCardData(library_name="diffusers", base_model=base_model, license=license, tags=TAGS)
-    base_model_url = base_model if os.path.isdir(base_model) else f"https://huggingface.co/{base_model}"
+    # Only Hub ids ("org/name") get a link; local folders and the miniature world do not.
+    is_hub_id = base_model.count("/") == 1 and not os.path.exists(base_model)
+    base_model_url = f"https://huggingface.co/{base_model}" if is_hub_id else None
     return ModelCard.from_template(
         card_data,
         template_path=TEMPLATE_PATH,

@@ -445,18 +445,20 @@ def save_checkpoint(accelerator, args, step: int) -> None:
 
 
 def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_prompts: int) -> None:
-    if weight_name.startswith("pytorch_lora"):
-        usage = (
-            "from diffusers import StableDiffusionPipeline\n\n"
-            f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
-            f'pipe.load_lora_weights("{args.hub_model_id or args.output_dir}")\n'
-            'image = pipe("a photo of the face of a doctor, a person").images[0]'
-        )
+    if args.pretrained_model_name_or_path == MINIATURE:
+        load = "from diffusers_fair.miniature import load_pipeline\n\npipe = load_pipeline()\n"
     else:
-        usage = (
+        load = (
             "from diffusers import StableDiffusionPipeline\n\n"
             f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
-            f'pipe.load_textual_inversion("{args.hub_model_id or args.output_dir}", weight_name="{weight_name}")\n'
+        )
+    adaptor = args.hub_model_id or args.output_dir
+    example = 'image = pipe("a photo of the face of a doctor, a person").images[0]'
+    if weight_name.startswith("pytorch_lora"):
+        usage = load + f'pipe.load_lora_weights("{adaptor}")\n' + example
+    else:
+        usage = load + (
+            f'pipe.load_textual_inversion("{adaptor}", weight_name="{weight_name}")\n'
             "# every prompt starts with the learned token\n"
             'image = pipe("<fair> a photo of the face of a doctor, a person").images[0]'
         )

@@ -230,6 +230,15 @@ def test_face_detector_excludes_images_without_a_face(monkeypatch, tmp_path):
         == (torch.bincount(predicted, minlength=2) / 2).tolist()
     )
     assert report["summary"]["base"]["num_no_face"]["mean"] == 1.0
+    # the classifier saw the largest face, cropped to the image's side: recompute from the saved PNGs
+    from diffusers_fair.faces import crop_faces
+
+    images = core.load_images(output, "base", 0, 3)
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0] if face else [float("nan")] * 4 for face in has_face.tolist()])
+    classifier = core.load_classifier("miniature-eval", "cpu")
+    with torch.no_grad():
+        expected = classifier(crop_faces(images, boxes, size=images.shape[-1]))["hair"].softmax(-1)
+    torch.testing.assert_close(record["probabilities/hair"][has_face], expected[has_face], rtol=1e-5, atol=1e-6)
 
 
 def test_target_adds_deviation(tmp_path):

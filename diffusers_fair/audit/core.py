@@ -46,7 +46,9 @@ class AuditConfig:
         negative_prompt (`str`, *optional*): Passed to the pipeline.
         clip (`str`, *optional*), dino (`str`, *optional*): Similarity encoders (`"miniature"` for the miniature
             CLIP).
-        face_detector (`str`, *optional*): Name for `diffusers_fair.faces.load_detector`.
+        face_detector (`str`, *optional*): Name for `diffusers_fair.faces.load_detector`; the classifier then sees the
+            largest face of each image (paper Sec. 4.1), and images without a face are counted, not classified.
+        face_crop_size (`int`, *optional*): Side of those face crops; `None` uses the generated image's side.
         device (`str`), dtype (`str`): Where and in which precision the pipeline runs.
     """
 
@@ -66,6 +68,7 @@ class AuditConfig:
     clip: str | None = None
     dino: str | None = None
     face_detector: str | None = None
+    face_crop_size: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -123,7 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip", default=None, help="CLIP model for CLIP-T/CLIP-I ('miniature' for the miniature one)."
     )
     parser.add_argument("--dino", default=None, help="DINOv2 model folder or Hub id for DINO similarity.")
-    parser.add_argument("--face-detector", default=None, help="diffusers_fair.faces detector name; no-face counted.")
+    parser.add_argument(
+        "--face-detector",
+        default=None,
+        help="diffusers_fair.faces detector name: classify the largest face; images without one are counted apart.",
+    )
+    parser.add_argument(
+        "--face-crop-size", type=_positive_int, default=None, help="Side of the face crops (default: image side)."
+    )
     parser.add_argument("--device", default=None, help="Defaults to cuda when available, else cpu.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--grid-images", type=_positive_int, default=8, help="Images per prompt in the report grids.")
@@ -287,6 +297,16 @@ def load_face_detector(name: str):
     return load_detector(name)
 
 
+def _largest_face_crops(detector, images: torch.Tensor, size: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest face of each image, cropped square (black where there is none), and the `(B,)` has-face mask."""
+    from ..faces import crop_faces, has_face, largest_face
+
+    detections = [torch.as_tensor(d, dtype=torch.float32).reshape(-1, 5) for d in detector(images.to(device))]
+    boxes = largest_face(detections).cpu()
+    crops = crop_faces(images, boxes, size=size or images.shape[-1])
+    return crops, has_face(boxes)
+
+
 # --- the cache ----------------------------------------------------------------------------------------------------
 
 
@@ -431,6 +451,7 @@ def _config_from_args(args: argparse.Namespace, prompts: list[str], attributes: 
         clip=args.clip,
         dino=args.dino,
         face_detector=args.face_detector,
+        face_crop_size=args.face_crop_size,
         device=device,
         dtype=args.dtype,
     )
@@ -530,8 +551,12 @@ def run_audit(
                 images_uint8 = (images.clamp(0, 1) * 255).round().to(torch.uint8)
                 _save_images(images_uint8, image_dir(args.output, model, index))
                 images = images_uint8.float() / 255.0
+                classifier_input, face = images, None
+                if detector is not None:
+                    classifier_input, face = _largest_face_crops(detector, images, config.face_crop_size, device)
                 record = {
-                    f"probabilities/{a}": p for a, p in classify_images(images, classifier, args.batch_size).items()
+                    f"probabilities/{a}": p
+                    for a, p in classify_images(classifier_input, classifier, args.batch_size).items()
                 }
                 if clip_model is not None:
                     record["clip_t"] = clip_text_similarity(
@@ -544,9 +569,8 @@ def run_audit(
                         record["clip_i"] = image_similarity(images, base_images, clip_model, args.batch_size)
                     if dino_model is not None:
                         record["dino"] = image_similarity(images, base_images, dino_model, args.batch_size)
-                if detector is not None:
-                    boxes = detector(images.to(device))
-                    record["has_face"] = torch.tensor([len(b) > 0 for b in boxes], dtype=torch.bool)
+                if face is not None:
+                    record["has_face"] = face
                 _save_record(record, record_path(args.output, model, index), prompt)
                 if model == BASE:
                     base_images = images

@@ -2,27 +2,15 @@
 
 import torch
 from peft import LoraConfig
-from tiny_models import tiny_pipeline
+from tiny_models import BrightnessClassifier, tiny_pipeline
 
-from diffusers_fair import AttributeClassifier, bias_score, evaluate
+from diffusers_fair import bias_score, evaluate
 from diffusers_fair.metrics import generate_images, score_images
-
-
-class MeanColourClassifier(AttributeClassifier):
-    """Classifies `brightness` {dark, bright} from the mean pixel value: a deterministic stand-in."""
-
-    def __init__(self, attributes=None, threshold: float = 0.5):
-        super().__init__(attributes or {"brightness": ["dark", "bright"]}, threshold=threshold)
-        self.threshold = threshold
-
-    def forward(self, images):
-        score = (images.mean(dim=(1, 2, 3)) - self.threshold) * 100
-        return {"brightness": torch.stack([-score, score], dim=-1)}
 
 
 def test_evaluate_with_a_real_pipeline_reproduces_and_scores():
     pipe = tiny_pipeline()
-    classifier = MeanColourClassifier()
+    classifier = BrightnessClassifier()
     kwargs = {"num_inference_steps": 3, "guidance_scale": 2.0, "batch_size": 3, "progress_bar": False}
     prompts = ["a photo of a doctor", "a nurse"]
     images = generate_images(pipe, prompts, 5, **kwargs)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from tiny_models import tiny_clip_model, tiny_pipeline
+from tiny_models import BrightnessClassifier, tiny_clip_model, tiny_pipeline
 
-from diffusers_fair import AttributeClassifier, DistributionalAlignmentLoss, ImageSemanticsLoss
+from diffusers_fair import DistributionalAlignmentLoss, ImageSemanticsLoss
 from diffusers_fair.training import (
     FINETUNE_MODES,
     AdaptedPipeline,
@@ -15,18 +15,6 @@ from diffusers_fair.training import (
 )
 
 KWARGS = {"num_inference_steps": 3, "guidance_scale": 2.0, "output_type": "pt"}
-
-
-class BrightnessClassifier(AttributeClassifier):
-    """`brightness` {dark, bright} from the mean pixel value: differentiable and deterministic."""
-
-    def __init__(self, attributes=None, threshold: float = 0.5):
-        super().__init__(attributes or {"brightness": ["dark", "bright"]}, threshold=threshold)
-        self.threshold = threshold
-
-    def forward(self, images):
-        score = (images.mean(dim=(1, 2, 3)) - self.threshold) * 50
-        return {"brightness": torch.stack([-score, score], dim=-1)}
 
 
 def perturbed_adapters(mode):

@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config, Dinov2Model
 
-from diffusers_fair import BiasedGradientScheduler, FairStableDiffusionPipeline
+from diffusers_fair import AttributeClassifier, BiasedGradientScheduler, FairStableDiffusionPipeline
 
 WORDS = ["a", "photo", "of", "the", "face", "doctor", "nurse", "person", "painter", "hair", "long", "short", ","]
 
@@ -134,3 +134,15 @@ def tiny_dino_model(image_size: int = 16, hidden_size: int = 32) -> Dinov2Model:
         num_attention_heads=4,
     )
     return Dinov2Model(config).eval()
+
+
+class BrightnessClassifier(AttributeClassifier):
+    """`brightness` {dark, bright} from the mean pixel value: a differentiable, deterministic stand-in classifier."""
+
+    def __init__(self, attributes=None, threshold: float = 0.5):
+        super().__init__(attributes or {"brightness": ["dark", "bright"]}, threshold=threshold)
+        self.threshold = threshold
+
+    def forward(self, images):
+        score = (images.mean(dim=(1, 2, 3)) - self.threshold) * 50
+        return {"brightness": torch.stack([-score, score], dim=-1)}

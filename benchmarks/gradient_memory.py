@@ -29,19 +29,30 @@ METHODS = {
 
 def build_pipeline(full_size: bool, device: str, dtype):
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from peft import LoraConfig
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from tiny_models import tiny_clip_tokenizer
+    from tiny_models import tiny_components
 
-    from diffusers_fair import BiasedGradientScheduler, FairStableDiffusionPipeline
+    from diffusers_fair import FairStableDiffusionPipeline
 
-    torch.manual_seed(0)
+    # Small enough for 2 CPU cores, large enough that activations dominate the allocator's noise.
+    components = tiny_components(
+        unet_channels=(32, 64),
+        vae_channels=(16, 32),
+        text_width=64,
+        latent_size=32,
+        norm_groups=8,
+        attention_head_dim=8,
+    )
     if full_size:  # the Stable Diffusion v1.5 architecture, random weights (compute does not depend on values)
-        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64, attention_head_dim=8)
-        vae = AutoencoderKL(
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        tokenizer = components["tokenizer"]
+        torch.manual_seed(0)
+        components["unet"] = UNet2DConditionModel(cross_attention_dim=768, sample_size=64, attention_head_dim=8)
+        components["vae"] = AutoencoderKL(
             block_out_channels=(128, 256, 512, 512),
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
@@ -49,58 +60,21 @@ def build_pipeline(full_size: bool, device: str, dtype):
             latent_channels=4,
             sample_size=512,
         )
-        text_config = {
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-        }
-        vocab_size = 49408
-    else:  # small enough for 2 CPU cores, large enough that activations dominate the allocator's noise
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            sample_size=32,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-        )
-        text_config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
-        vocab_size = None
-    tokenizer = tiny_clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size or len(tokenizer),
+        text_config = CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            **text_config,
         )
-    )
-    for model in (unet, vae, text_encoder):
-        model.requires_grad_(False).eval()
-    scheduler = BiasedGradientScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    pipe = FairStableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).to(device, dtype)
+        components["text_encoder"] = CLIPTextModel(text_config)
+        for name in ("unet", "vae", "text_encoder"):
+            components[name].requires_grad_(False).eval()
+    pipe = FairStableDiffusionPipeline(**components).to(device, dtype)
     pipe.text_encoder.add_adapter(
         LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
     )

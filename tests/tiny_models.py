@@ -42,39 +42,51 @@ def tiny_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
 
 
-def tiny_components(seed: int = 0, scheduler_kwargs: dict | None = None) -> dict:
-    """The components of a 16x16-pixel Stable Diffusion (8x8x4 latents) with random weights."""
+def tiny_components(
+    seed: int = 0,
+    scheduler_kwargs: dict | None = None,
+    unet_channels: tuple[int, int] = (8, 16),
+    vae_channels: tuple[int, int] = (8, 16),
+    text_width: int = 16,
+    latent_size: int = 8,
+    norm_groups: int = 4,
+    attention_head_dim: int = 4,
+) -> dict:
+    """The components of a small Stable Diffusion with random weights: by default 16x16 pixels (8x8x4 latents).
+
+    The sizes are arguments so the CPU benchmark can build a larger model of the same shape.
+    """
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
+        block_out_channels=unet_channels,
         layers_per_block=1,
-        sample_size=8,
+        sample_size=latent_size,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
+        cross_attention_dim=text_width,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_groups,
     )
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        block_out_channels=(8, 16),
+        block_out_channels=vae_channels,
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
+        norm_num_groups=norm_groups,
+        sample_size=2 * latent_size,
     )
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
             num_hidden_layers=2,
             num_attention_heads=2,
             max_position_embeddings=77,

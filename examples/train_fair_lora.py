@@ -207,12 +207,8 @@ def load_classifier(name: str, args):
 
         clip = CLIPModel.from_pretrained(args.clip_zero_shot_model)
         tokenizer = CLIPTokenizer.from_pretrained(args.clip_zero_shot_model)
-        return CLIPZeroShotClassifier.from_clip(clip, tokenizer, target_attributes(args))
+        return CLIPZeroShotClassifier.from_clip(clip, tokenizer, load_target(args).attributes)
     return load_any_classifier(name, "cpu")  # moved to the accelerator's device by the caller
-
-
-def target_attributes(args) -> dict[str, list[str]]:
-    return load_target(args).attributes
 
 
 def load_target(args, classifier_attributes=None) -> TargetDistribution:
@@ -270,7 +266,10 @@ def main(input_args: list[str] | None = None) -> dict:
         face_detector=load_detector(args.face_detector) if args.face_detector else None,
         face_crop_size=args.face_crop_size,
     ).to(device)
-    eval_classifier = load_classifier(args.eval_classifier or args.classifier, args).to(device).eval()
+    eval_name = args.eval_classifier or args.classifier
+    eval_classifier = (
+        classifier if eval_name == args.classifier else load_classifier(eval_name, args).to(device).eval()
+    )
     context_classifier = load_classifier(args.context_classifier, args).to(device) if args.context_classifier else None
     train_prompts, eval_prompts = load_prompts(args.train_prompts), load_prompts(args.eval_prompts)
 

@@ -373,3 +373,43 @@ def evaluate_adapters(
     metrics = [k for k, v in rows[0].items() if isinstance(v, float)] if rows else []
     summary = {k: list(mean_std([row[k] for row in rows])) for k in metrics}
     return {"per_prompt": rows, "summary": summary}
+
+
+@torch.no_grad()
+def validation_grid(
+    adapters: FairAdapters,
+    prompts: Sequence[str],
+    classifier: nn.Module,
+    num_images_per_prompt: int = 8,
+    seed: int = 0,
+    **generation_kwargs,
+):
+    r"""
+    The validation picture of a fair finetuning, as the paper's Fig. 3: per prompt, a row of the base model's images
+    and, under it, a row of the adapted model's images from the same noise, each image with a bar per attribute
+    coloured by the classifier's predicted class, as long as its confidence ([`~diffusers_fair.visualization`]).
+
+    Args:
+        adapters ([`FairAdapters`]): The adaptors and their pipeline.
+        prompts (`list[str]`): Validation prompts (plain, without any soft-prompt token).
+        classifier ([`AttributeClassifier`]): Predicts the attributes of the bars.
+        num_images_per_prompt (`int`, *optional*, defaults to 8): Images (columns) per row.
+        seed (`int`, *optional*, defaults to 0): Base seed of [`~diffusers_fair.metrics.generate_images`].
+        generation_kwargs: `num_inference_steps`, `guidance_scale`, `height`, `width`, ... for the pipeline.
+
+    Returns:
+        `PIL.Image.Image`: `2 * len(prompts)` rows (base, adapted) of `num_images_per_prompt` images.
+    """
+    from PIL import Image
+
+    from .metrics import classify_images, generate_images
+    from .visualization import annotated_grid
+
+    rows, probabilities = [], []
+    kwargs = {"seed": seed, "progress_bar": False, **generation_kwargs}
+    for prompt in prompts:
+        for enabled in (False, True):
+            images = generate_images(AdaptedPipeline(adapters, enabled), [prompt], num_images_per_prompt, **kwargs)
+            rows.append(images[prompt])
+            probabilities.append(classify_images(images[prompt], classifier))
+    return Image.fromarray(annotated_grid(rows, probabilities))

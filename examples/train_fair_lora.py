@@ -36,7 +36,13 @@ from diffusers_fair.faces import load_detector
 from diffusers_fair.model_card import make_model_card
 from diffusers_fair.pipeline_fair_stable_diffusion import adapters_disabled
 from diffusers_fair.prompts import load_prompts
-from diffusers_fair.training import FINETUNE_MODES, FairFinetuningObjective, add_fair_adapters, evaluate_adapters
+from diffusers_fair.training import (
+    FINETUNE_MODES,
+    FairFinetuningObjective,
+    add_fair_adapters,
+    evaluate_adapters,
+    validation_grid,
+)
 
 logger = get_logger(__name__)
 
@@ -104,7 +110,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add("--checkpoints_total_limit", type=int, default=None)
     add("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
     add("--rank", type=int, default=None, help="LoRA rank.")
-    add("--validation_prompts", nargs="*", default=None, help="Prompts of the validation grid.")
+    add("--validation_prompts", nargs="*", default=None, help="Prompts of the validation grid (default: 3 eval ones).")
+    add("--num_validation_images", type=int, default=8, help="Images per prompt (columns) of the validation grid.")
     add("--validation_steps", type=int, default=None, help="Evaluate every this many steps (and at the end).")
     add("--push_to_hub", action="store_true")
     add("--hub_model_id", default=None)
@@ -398,15 +405,19 @@ def main(input_args: list[str] | None = None) -> dict:
         if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             metrics = evaluate(adapters, eval_prompts, eval_classifier, context_classifier, args)
             accelerator.log({f"eval/{k}": v[0] for k, v in metrics["summary"].items()}, step=global_step)
+            if accelerator.is_main_process:
+                write_validation_grid(adapters, eval_prompts, eval_classifier, args, global_step)
 
     # 5. Final evaluation, adaptor, model card, Hub
     evaluation["after"] = evaluate(adapters, eval_prompts, eval_classifier, context_classifier, args)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         weight_name = adapters.save_pretrained(args.output_dir)
+        grid = write_validation_grid(adapters, eval_prompts, eval_classifier, args, global_step)
+        shutil.copyfile(os.path.join(args.output_dir, grid), os.path.join(args.output_dir, "validation_grid.png"))
         with open(os.path.join(args.output_dir, "evaluation.json"), "w", encoding="utf-8") as f:
             json.dump(evaluation, f, indent=2)
-        write_model_card(args, target, weight_name, evaluation, len(eval_prompts))
+        write_model_card(args, target, weight_name, evaluation, len(eval_prompts), "validation_grid.png")
         before = evaluation["before"]["summary"]
         for name, (mean, sd) in evaluation["after"]["summary"].items():
             start = f"{before[name][0]:.3f} ± {before[name][1]:.3f} -> " if name in before else ""
@@ -443,7 +454,26 @@ def save_checkpoint(accelerator, args, step: int) -> None:
     accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
 
 
-def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_prompts: int) -> None:
+def write_validation_grid(adapters, eval_prompts, classifier, args, step: int) -> str:
+    """Base (upper) and adapted (lower) images per validation prompt, same noise; returns the PNG's relative path."""
+    grid = validation_grid(
+        adapters,
+        args.validation_prompts or eval_prompts[:3],
+        classifier,
+        args.num_validation_images,
+        seed=args.seed,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        height=args.resolution,
+        width=args.resolution,
+    )
+    path = os.path.join("validation", f"step-{step:06d}.png")
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    grid.save(os.path.join(args.output_dir, path))
+    return path
+
+
+def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_prompts: int, grid: str) -> None:
     if args.pretrained_model_name_or_path == MINIATURE:
         load = "from diffusers_fair.miniature import load_pipeline\n\npipe = load_pipeline()\n"
     else:
@@ -494,6 +524,7 @@ def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_
         eval_classifier=args.eval_classifier,
         num_eval_prompts=num_eval_prompts,
         eval_images_per_prompt=args.eval_images_per_prompt,
+        grid=grid,
     )
     card.save(os.path.join(args.output_dir, "README.md"))
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from huggingface_hub import ModelCard
+from PIL import Image
 from safetensors.torch import load_file
 
 from diffusers_fair.metrics import generate_images, score_images
 from diffusers_fair.miniature import WEIGHTS_DIR, load_classifier, load_pipeline
+from diffusers_fair.visualization import BAR, TILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("train_fair_lora", os.path.join(ROOT, "examples", "train_fair_lora.py"))
@@ -30,7 +32,7 @@ def tiny_run(output_dir, eval_prompts, *extra):
     return [
         "--output_dir", str(output_dir), "--eval_prompts", eval_prompts, "--images_per_prompt", "4",
         "--num_inference_steps", "3", "--eval_images_per_prompt", "2", "--max_train_steps", "2", "--rank", "2",
-        *extra,
+        "--num_validation_images", "2", *extra,
     ]  # fmt: skip
 
 
@@ -115,6 +117,12 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     before = evaluation["before"]["summary"]["bias/hair"]
     assert f"{before[0]:.3f} ± {before[1]:.3f}" in card.text
+    # The validation grid: per eval prompt (2), a base row and an adapted row of 2 images with 3 attribute bars.
+    assert "(validation_grid.png)" in card.text
+    with Image.open(tmp_path / "validation_grid.png") as grid:
+        tile_height = TILE + 3 * BAR + 2
+        assert grid.size == (2 * TILE + 4, 4 * tile_height + 3 * 6)
+    assert os.path.isfile(tmp_path / "validation" / "step-000002.png")
 
 
 @pytest.mark.parametrize(

@@ -12,11 +12,7 @@ import numpy as np
 import torch
 
 from ..metrics import mean_std, score_predictions
-
-# Class colours of the grids' bars and the plots (colour-blind friendly, Okabe-Ito).
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
-TILE = 96  # pixels of an image in the grids (nearest-neighbour upscaled when smaller)
-BAR = 7  # pixels of one attribute bar under an image
+from ..visualization import PALETTE, annotated_grid
 
 
 def check_report_dependencies() -> None:
@@ -298,24 +294,6 @@ def _short_prompt(prompt: str, length: int = 40) -> str:
     return prompt if len(prompt) <= length else prompt[: length - 1] + "…"
 
 
-def _annotated_tile(image: np.ndarray, bars: list[tuple[int, float]]) -> np.ndarray:
-    """One image (H, W, 3 uint8) upscaled to `TILE`, with one bar per attribute: class colour, length = confidence."""
-    from PIL import Image
-
-    picture = Image.fromarray(image)
-    if picture.width != TILE:
-        resample = Image.NEAREST if picture.width < TILE else Image.BILINEAR
-        picture = picture.resize((TILE, round(TILE * picture.height / picture.width)), resample)
-    tile = np.full((picture.height + BAR * len(bars) + 2, TILE, 3), 255, dtype=np.uint8)
-    tile[: picture.height] = np.asarray(picture)
-    for k, (cls, confidence) in enumerate(bars):
-        colour = np.array([int(PALETTE[cls % len(PALETTE)][i : i + 2], 16) for i in (1, 3, 5)], dtype=np.uint8)
-        top = picture.height + 2 + BAR * k
-        tile[top : top + BAR - 1, : max(1, round(TILE * confidence))] = colour
-        tile[top : top + BAR - 1, max(1, round(TILE * confidence)) :] = 225
-    return tile
-
-
 def write_grids(report: dict, output: str, config, grid_images: int) -> list[str]:
     r"""
     One PNG per prompt as the paper's Fig. 3: a row per model (same column, same noise), each image with a bar per
@@ -333,21 +311,12 @@ def write_grids(report: dict, output: str, config, grid_images: int) -> list[str
     count = min(grid_images, config.num_images_per_prompt)
     paths = []
     for index, prompt in enumerate(config.prompts):
-        rows = []
+        rows, probabilities = [], []
         for model in report["models"]:
             record = load_record(output, model, index, prompt)
-            images = (load_images(output, model, index, count) * 255).round().to(torch.uint8)
-            tiles = []
-            for j in range(count):
-                bars = []
-                for attribute in config.attributes:
-                    probs = record[f"probabilities/{attribute}"][j]
-                    bars.append((int(probs.argmax()), float(probs.max())))
-                tiles.append(_annotated_tile(images[j].permute(1, 2, 0).numpy(), bars))
-            gap = np.full((tiles[0].shape[0], 4, 3), 255, dtype=np.uint8)
-            rows.append(np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1))
-        spacer = np.full((6, rows[0].shape[1], 3), 255, dtype=np.uint8)
-        grid = np.concatenate([x for r in rows for x in (r, spacer)][:-1], axis=0)
+            rows.append(load_images(output, model, index, count))
+            probabilities.append({a: record[f"probabilities/{a}"][:count] for a in config.attributes})
+        grid = annotated_grid(rows, probabilities)
         name = f"grids/{index:05d}.png"
         Image.fromarray(grid).save(os.path.join(output, name))
         paths.append(name)

@@ -19,10 +19,8 @@ from diffusers_fair.miniature.train import _vae_round_trip, classifier_accuracy
 
 torch.set_num_threads(1)
 
-# About half the rate measured on the shipped model (0.39 train / 0.46 held-out occupations, see
-# diffusers_fair/miniature/README.md), so that a retrained model that draws the context less often fails. Raise it
-# with the model: the target is 0.95.
-CONTEXT_REGRESSION_THRESHOLD = 0.2
+# The target (0.95 over all occupations); the shipped model measures 0.999 (see the miniature README).
+CONTEXT_REGRESSION_THRESHOLD = 0.95
 ARTEFACTS = ["pipeline", "classifier-train", "classifier-eval", "classifier-context", "clip"]
 
 
@@ -65,7 +63,6 @@ def test_pipeline_loads_offline_and_generates():
 
 
 def test_generated_images_show_the_prompted_context():
-    # A regression guard, not the target: the README reports the measured rate over all occupations.
     pipeline, context = load_pipeline(), load_classifier("context")
     occupations = [OCCUPATIONS[i] for i in (0, 1, 2, 3, 40, 41, 42, 43)]
     hits = 0

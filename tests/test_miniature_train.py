@@ -5,10 +5,11 @@ import os
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from diffusers_fair.miniature import load_classifier, load_clip, load_pipeline
-from diffusers_fair.miniature.train import main, parse_args
+from diffusers_fair.miniature.train import main, min_snr_weights, parse_args
 
 torch.set_num_threads(1)
 
@@ -20,11 +21,26 @@ def test_parse_args_budgets_and_errors():
     assert parse_args(["--output", "x", "--quick", "--unet_steps", "3"]).unet_steps == 3
     with pytest.raises(ValueError, match="--vae_steps"):
         parse_args(["--output_dir", "x", "--vae_steps", "0"])
+    with pytest.raises(ValueError, match="--snr_gamma"):
+        parse_args(["--output_dir", "x", "--snr_gamma", "-1"])
+    with pytest.raises(ValueError, match="--attribute_word_probability"):
+        parse_args(["--output_dir", "x", "--attribute_word_probability", "1.5"])
+
+
+def test_min_snr_weights():
+    alphas_cumprod = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    timesteps = torch.arange(1000)
+    weights = min_snr_weights(alphas_cumprod, timesteps, 5.0)
+    snr = (alphas_cumprod / (1 - alphas_cumprod)).double()
+    expected = torch.where(snr > 5.0, 5.0 / snr, torch.ones_like(snr))
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=0)
+    # Clean (low-t) timesteps are down-weighted, noisy ones keep weight 1.
+    assert weights[0] < 0.01 and bool((weights[snr <= 5.0] == 1).all()) and int((snr <= 5.0).sum()) > 500
 
 
 @pytest.mark.slow
 def test_quick_training_end_to_end_is_reproducible_and_loadable(tmp_path):
-    args = ["--quick", "--images_per_occupation", "2", "--unet_steps", "3", "--vae_steps", "4"]
+    args = ["--quick", "--images_per_occupation", "2", "--unet_steps", "3", "--vae_steps", "4", "--num_threads", "1"]
     summary = main(["--output_dir", str(tmp_path / "a"), *args])
     for name in ARTEFACTS:
         folder = tmp_path / "a" / name

@@ -52,7 +52,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 BUDGETS = {
     "images_per_occupation": (120, 4),
     "vae_steps": (1500, 10),
-    "unet_steps": (2000, 5),
+    "unet_steps": (5000, 5),
     "classifier_steps": (600, 5),
     "clip_steps": (600, 5),
 }
@@ -67,8 +67,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     for name, (full, _) in BUDGETS.items():
         parser.add_argument(f"--{name}", type=int, default=None, help=f"Defaults to {full} (smaller with --quick).")
-    parser.add_argument("--train_batch_size", type=int, default=64, help="Batch size of the U-Net stage.")
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="Peak AdamW learning rate of the U-Net.")
+    parser.add_argument("--train_batch_size", type=int, default=32, help="Batch size of the U-Net stage.")
+    parser.add_argument("--learning_rate", type=float, default=3e-3, help="Peak AdamW learning rate of the U-Net.")
     parser.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear warmup, then cosine to 10%%.")
     parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of U-Net and text encoder.")
     parser.add_argument(
@@ -78,16 +78,33 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Std of Gaussian noise added to text embeddings while training, so the U-Net tolerates moved ones.",
     )
     parser.add_argument(
+        "--attribute_word_probability",
+        type=float,
+        default=0.15,
+        help="Fraction of training captions that name one true attribute of the person ('a long-haired nurse').",
+    )
+    parser.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=5.0,
+        help="Min-SNR-gamma loss weighting (Hang et al., 2023; 5.0 is the usual value): each timestep's loss is "
+        "weighted by min(SNR, gamma) / SNR, so that low-noise timesteps do not dominate; 0 turns it off.",
+    )
+    parser.add_argument(
         "--init_pipeline",
         default=None,
         help="Continue training the text encoder + U-Net of a pipeline folder written by this script (its VAE is "
         "reused, not retrained) instead of starting from scratch.",
     )
-    parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (leave cores for others).")
+    parser.add_argument("--num_threads", type=int, default=2, help="torch CPU threads.")
     args = parser.parse_args(input_args)
     args.command = "python -m diffusers_fair.miniature.train " + " ".join(
         sys.argv[1:] if input_args is None else input_args
     )
+    if not 0 <= args.attribute_word_probability <= 1:
+        raise ValueError(f"`--attribute_word_probability` must be in [0, 1], got {args.attribute_word_probability}.")
+    if args.snr_gamma < 0:
+        raise ValueError(f"`--snr_gamma` must be >= 0 (0: no weighting), got {args.snr_gamma}.")
     if args.init_pipeline is not None and not os.path.isfile(os.path.join(args.init_pipeline, "model_index.json")):
         raise ValueError(f"`--init_pipeline` {args.init_pipeline!r} is not a pipeline folder (no model_index.json).")
     for name, (full, quick) in BUDGETS.items():
@@ -137,6 +154,15 @@ def _vae_round_trip(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 
         latents = vae.encode(chunk * 2 - 1).latent_dist.mode()
         out.append((vae.decode(latents).sample / 2 + 0.5).clamp(0, 1))
     return torch.cat(out)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    r"""
+    Min-SNR-gamma weights of an epsilon-prediction loss (Hang et al., 2023): `min(SNR(t), gamma) / SNR(t)` with
+    `SNR(t) = alpha_bar_t / (1 - alpha_bar_t)`; 1 at noisy timesteps (SNR <= gamma), less at clean ones.
+    """
+    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    return snr.clamp(max=gamma) / snr
 
 
 def train_vae(args, data, stage_dir: str) -> dict:
@@ -210,7 +236,10 @@ def train_pipeline(args, data, vae: AutoencoderKL, tokenizer: CLIPTokenizer, out
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         embeddings = text_encoder(input_ids).last_hidden_state
         embeddings = embeddings + args.text_embedding_noise * torch.randn(embeddings.shape, generator=generator)
-        loss = F.mse_loss(unet(noisy, timesteps, embeddings).sample, noise)
+        mse = F.mse_loss(unet(noisy, timesteps, embeddings).sample, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = mse.mean()
+        if args.snr_gamma > 0:
+            loss = (mse * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, args.snr_gamma)).mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -220,7 +249,7 @@ def train_pipeline(args, data, vae: AutoencoderKL, tokenizer: CLIPTokenizer, out
         with torch.no_grad():
             for shadow, p in zip(ema, params):
                 shadow.lerp_(p.detach(), 1 - decay)
-        losses.append(loss.item())
+        losses.append(mse.mean().item())
         progress.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     with torch.no_grad():
         for shadow, p in zip(ema, params):
@@ -384,7 +413,11 @@ def main(input_args: list[str] | None = None) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
     timings, summary = {}, {}
-    data = sample_dataset(images_per_occupation=args.images_per_occupation, seed=args.seed)
+    data = sample_dataset(
+        images_per_occupation=args.images_per_occupation,
+        seed=args.seed,
+        attribute_word_probability=args.attribute_word_probability,
+    )
     tokenizer_dir = os.path.join(args.output_dir, ".stages", "tokenizer")
     tokenizer = build_tokenizer(tokenizer_dir)
 

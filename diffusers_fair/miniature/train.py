@@ -15,8 +15,8 @@ finished ones, so a crash loses at most the stage in progress):
 4. `DIR/classifier-context`: the occupation classifier that measures whether the context is preserved.
 5. `DIR/clip`: a tiny `CLIPModel` + `CLIPProcessor` trained contrastively on the world's images and captions.
 
-The shipped weights in `diffusers_fair/miniature/weights` were made with `--output_dir` pointing there and the
-default budget.
+The shipped weights in `diffusers_fair/miniature/weights` were made with the default budget and arguments
+(`--output_dir /tmp/mini-v2`, then copied there); see the miniature README for the times and measurements.
 """
 
 import argparse

@@ -55,6 +55,8 @@ def annotated_grid(rows: list[torch.Tensor], probabilities: list[dict[str, torch
             f"`rows` and `probabilities` must be non-empty and of the same length, got {len(rows)} and "
             f"{len(probabilities)}."
         )
+    if any(len(images) == 0 for images in rows):
+        raise ValueError("Every row of `rows` must hold at least one image; drop empty rows.")
     lines = []
     for images, probs in zip(rows, probabilities):
         pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

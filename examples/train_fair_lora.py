@@ -169,6 +169,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
     if args.validation_steps is None:
         args.validation_steps = args.max_train_steps
+    for name in ("validation_steps", "num_validation_images", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be positive, got {getattr(args, name)}.")
     if args.classifier is None:
         raise ValueError(
             "`--classifier` is required: a folder or Hub id of an AttributeClassifier, or 'clip-zero-shot'."

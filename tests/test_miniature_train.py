@@ -28,9 +28,10 @@ def test_parse_args_budgets_and_errors():
 
 
 def test_min_snr_weights():
-    alphas_cumprod = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    alphas_cumprod = scheduler.alphas_cumprod
     timesteps = torch.arange(1000)
-    weights = min_snr_weights(alphas_cumprod, timesteps, 5.0)
+    weights = min_snr_weights(scheduler, timesteps, 5.0)
     snr = (alphas_cumprod / (1 - alphas_cumprod)).double()
     expected = torch.where(snr > 5.0, 5.0 / snr, torch.ones_like(snr))
     torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=0)

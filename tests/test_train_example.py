@@ -138,6 +138,8 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
         (["--pretrained_model_name_or_path", "org/sd", "--target", "hair=uniform"], "--classifier"),
         (["--report_to", "wandb", "--hub_token", "x"], "hub_token"),
         (["--max_train_steps", "0"], "max_train_steps"),
+        (["--num_validation_images", "0"], "num_validation_images"),
+        (["--validation_steps", "0"], "validation_steps"),
     ],
 )
 def test_bad_flags_give_clear_errors(flags, message, tmp_path, eval_prompts):

@@ -38,6 +38,8 @@ def test_grid_layout_images_and_bars():
 def test_grid_rejects_mismatched_rows():
     with pytest.raises(ValueError, match="same length"):
         annotated_grid([torch.rand(2, 3, 8, 8)], [])
+    with pytest.raises(ValueError, match="at least one image"):
+        annotated_grid([torch.rand(0, 3, 8, 8)], [{"a": torch.zeros(0, 2)}])
     with pytest.raises(ValueError, match="same number"):
         annotated_grid(
             [torch.rand(2, 3, 8, 8), torch.rand(3, 3, 8, 8)],

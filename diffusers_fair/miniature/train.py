@@ -38,6 +38,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
@@ -156,12 +157,12 @@ def _vae_round_trip(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 
     return torch.cat(out)
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     r"""
-    Min-SNR-gamma weights of an epsilon-prediction loss (Hang et al., 2023): `min(SNR(t), gamma) / SNR(t)` with
-    `SNR(t) = alpha_bar_t / (1 - alpha_bar_t)`; 1 at noisy timesteps (SNR <= gamma), less at clean ones.
+    Min-SNR-gamma weights `(B,)` of an epsilon-prediction loss (Hang et al., 2023): `min(SNR(t), gamma) / SNR(t)`,
+    with diffusers' `compute_snr`; 1 at noisy timesteps (SNR <= gamma), less at clean ones.
     """
-    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    snr = compute_snr(noise_scheduler, timesteps)
     return snr.clamp(max=gamma) / snr
 
 
@@ -237,9 +238,8 @@ def train_pipeline(args, data, vae: AutoencoderKL, tokenizer: CLIPTokenizer, out
         embeddings = text_encoder(input_ids).last_hidden_state
         embeddings = embeddings + args.text_embedding_noise * torch.randn(embeddings.shape, generator=generator)
         mse = F.mse_loss(unet(noisy, timesteps, embeddings).sample, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = mse.mean()
-        if args.snr_gamma > 0:
-            loss = (mse * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, args.snr_gamma)).mean()
+        weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma > 0 else 1.0
+        loss = (mse * weights).mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -41,7 +42,8 @@ def test_min_snr_weights():
 
 @pytest.mark.slow
 def test_quick_training_end_to_end_is_reproducible_and_loadable(tmp_path):
-    args = ["--quick", "--images_per_occupation", "2", "--unet_steps", "3", "--vae_steps", "4", "--num_threads", "1"]
+    # Two threads: the classifiers and CLIP train in a second process while the U-Net trains.
+    args = ["--quick", "--images_per_occupation", "2", "--unet_steps", "3", "--vae_steps", "4", "--num_threads", "2"]
     summary = main(["--output_dir", str(tmp_path / "a"), *args])
     for name in ARTEFACTS:
         folder = tmp_path / "a" / name
@@ -52,9 +54,14 @@ def test_quick_training_end_to_end_is_reproducible_and_loadable(tmp_path):
     assert summary["timings"]["total_s"] > 0
     assert json.loads((tmp_path / "a" / "training_summary.json").read_text())["timings"] == summary["timings"]
 
-    # Same seed, same weights, bit for bit.
+    # Same seed and threads, same weights, bit for bit.
     main(["--output_dir", str(tmp_path / "b"), *args])
-    for path in ["pipeline/unet/diffusion_pytorch_model.safetensors", "classifier-eval/model.safetensors"]:
+    paths = [
+        "pipeline/unet/diffusion_pytorch_model.safetensors",
+        "pipeline/text_encoder/model.safetensors",
+        *[f"{name}/model.safetensors" for name in ARTEFACTS[1:]],
+    ]
+    for path in paths:
         a, b = load_file(tmp_path / "a" / path), load_file(tmp_path / "b" / path)
         assert all(torch.equal(a[k], b[k]) for k in a), path
 
@@ -67,6 +74,9 @@ def test_quick_training_end_to_end_is_reproducible_and_loadable(tmp_path):
     model, processor = load_clip(tmp_path / "a")
     assert model.get_text_features(**processor(text=["a portrait of a nurse"], return_tensors="pt")) is not None
 
-    # A rerun skips the finished stages.
+    # A rerun skips the finished stages, and trains missing companions in-process (one thread, no second process).
     again = main(["--output_dir", str(tmp_path / "a"), *args])
     assert set(again["timings"]) == {"total_s"}
+    shutil.rmtree(tmp_path / "a" / "clip")
+    again = main(["--output_dir", str(tmp_path / "a"), *args[:-1], "1"])
+    assert set(again["timings"]) == {"clip_s", "total_s"} and (tmp_path / "a" / "clip" / "model.safetensors").is_file()

@@ -22,11 +22,13 @@ The shipped weights in `diffusers_fair/miniature/weights` were made with the def
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -50,6 +52,7 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # name: (full budget, --quick budget)
+COMPANIONS = ["classifier-train", "classifier-eval", "classifier-context", "clip"]
 BUDGETS = {
     "images_per_occupation": (120, 4),
     "vae_steps": (1500, 10),
@@ -97,7 +100,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Continue training the text encoder + U-Net of a pipeline folder written by this script (its VAE is "
         "reused, not retrained) instead of starting from scratch.",
     )
-    parser.add_argument("--num_threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument(
+        "--num_threads",
+        type=int,
+        default=2,
+        help="torch CPU threads. With 2 or more, the classifiers and CLIP train in a second process (one thread) "
+        "while the U-Net trains on the others.",
+    )
     args = parser.parse_args(input_args)
     args.command = "python -m diffusers_fair.miniature.train " + " ".join(
         sys.argv[1:] if input_args is None else input_args
@@ -407,46 +416,10 @@ code as real CLIP. Normalise images with CLIP's mean and std (the saved `CLIPPro
     return metrics
 
 
-def main(input_args: list[str] | None = None) -> dict:
-    args = parse_args(input_args)
-    torch.set_num_threads(args.num_threads)
-    os.makedirs(args.output_dir, exist_ok=True)
-    start = time.time()
-    timings, summary = {}, {}
-    data = sample_dataset(
-        images_per_occupation=args.images_per_occupation,
-        seed=args.seed,
-        attribute_word_probability=args.attribute_word_probability,
-    )
-    tokenizer_dir = os.path.join(args.output_dir, ".stages", "tokenizer")
-    tokenizer = build_tokenizer(tokenizer_dir)
-
-    # 1. VAE
-    vae_dir = os.path.join(args.output_dir, ".stages", "vae")
-    metrics_path = os.path.join(args.output_dir, ".stages", "vae_metrics.json")
-    pipeline_dir = os.path.join(args.output_dir, "pipeline")
-    if os.path.isdir(pipeline_dir):  # a finished pipeline holds the VAE it was trained with
-        vae_dir = os.path.join(pipeline_dir, "vae")
-    elif args.init_pipeline is not None:
-        vae_dir = os.path.join(args.init_pipeline, "vae")
-    elif not os.path.isdir(vae_dir):
-        t = time.time()
-        with open(metrics_path + ".tmp", "w") as f:
-            json.dump(train_vae(args, data, vae_dir), f)
-        os.replace(metrics_path + ".tmp", metrics_path)
-        timings["vae_s"] = round(time.time() - t, 1)
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-    if os.path.isfile(metrics_path):
-        with open(metrics_path) as f:
-            summary.update(json.load(f))
-
-    # 2. Text encoder + U-Net
-    if not os.path.isdir(pipeline_dir):
-        t = time.time()
-        summary.update(train_pipeline(args, data, vae, tokenizer, pipeline_dir, dict(summary)))
-        timings["text_encoder_unet_s"] = round(time.time() - t, 1)
-
-    # 3-4. Classifiers on clean renders + VAE round-trips; accuracy measured on a fresh seed.
+def train_companions(args, data, vae: AutoencoderKL, tokenizer: CLIPTokenizer) -> tuple[dict, dict]:
+    """Trains the classifiers and CLIP that are not yet in `args.output_dir`; returns their metrics and timings."""
+    summary, timings = {}, {}
+    # Classifiers on clean renders + VAE round-trips; accuracy measured on a fresh seed.
     fresh = sample_dataset(images_per_occupation=max(2, args.images_per_occupation // 6), seed=args.seed + 1000)
     fresh_round_trip = _vae_round_trip(vae, fresh.images)
     images = torch.cat([data.images, _vae_round_trip(vae, data.images)])
@@ -512,12 +485,77 @@ classes. Trained on the miniature world's renders and their VAE round-trips. Loa
         _save_atomically(folder, write)
         timings[f"{name}_s"] = round(time.time() - t, 1)
 
-    # 5. CLIP
+    # CLIP
     clip_dir = os.path.join(args.output_dir, "clip")
     if not os.path.isdir(clip_dir):
         t = time.time()
         summary["clip"] = train_clip(args, data, tokenizer, clip_dir)
         timings["clip_s"] = round(time.time() - t, 1)
+
+    return summary, timings
+
+
+def _train_companions_in_subprocess(args, data, vae_dir: str, tokenizer_dir: str) -> tuple[dict, dict]:
+    torch.set_num_threads(1)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    return train_companions(args, data, vae, CLIPTokenizer.from_pretrained(tokenizer_dir))
+
+
+def main(input_args: list[str] | None = None) -> dict:
+    args = parse_args(input_args)
+    torch.set_num_threads(args.num_threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    start = time.time()
+    timings, summary = {}, {}
+    data = sample_dataset(
+        images_per_occupation=args.images_per_occupation,
+        seed=args.seed,
+        attribute_word_probability=args.attribute_word_probability,
+    )
+    tokenizer_dir = os.path.join(args.output_dir, ".stages", "tokenizer")
+    tokenizer = build_tokenizer(tokenizer_dir)
+
+    # 1. VAE
+    vae_dir = os.path.join(args.output_dir, ".stages", "vae")
+    metrics_path = os.path.join(args.output_dir, ".stages", "vae_metrics.json")
+    pipeline_dir = os.path.join(args.output_dir, "pipeline")
+    if os.path.isdir(pipeline_dir):  # a finished pipeline holds the VAE it was trained with
+        vae_dir = os.path.join(pipeline_dir, "vae")
+    elif args.init_pipeline is not None:
+        vae_dir = os.path.join(args.init_pipeline, "vae")
+    elif not os.path.isdir(vae_dir):
+        t = time.time()
+        with open(metrics_path + ".tmp", "w") as f:
+            json.dump(train_vae(args, data, vae_dir), f)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        timings["vae_s"] = round(time.time() - t, 1)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            summary.update(json.load(f))
+
+    # 2. Text encoder + U-Net. 3-5. Classifiers and CLIP, which do not need the U-Net: with two or more threads they
+    # train in a second process (one thread) meanwhile, as the U-Net stage gains little from a second thread.
+    companions_done = all(os.path.isdir(os.path.join(args.output_dir, name)) for name in COMPANIONS)
+    executor = parallel = None
+    try:
+        if args.num_threads >= 2 and not os.path.isdir(pipeline_dir) and not companions_done:
+            executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            parallel = executor.submit(_train_companions_in_subprocess, args, data, vae_dir, tokenizer_dir)
+            torch.set_num_threads(args.num_threads - 1)
+        if not os.path.isdir(pipeline_dir):
+            t = time.time()
+            summary.update(train_pipeline(args, data, vae, tokenizer, pipeline_dir, dict(summary)))
+            timings["text_encoder_unet_s"] = round(time.time() - t, 1)
+        if parallel is not None:
+            companions_summary, companions_timings = parallel.result()
+        else:
+            companions_summary, companions_timings = train_companions(args, data, vae, tokenizer)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    summary.update(companions_summary)
+    timings.update(companions_timings)
 
     # Intermediate stages are only needed until the pipeline exists; they are not shipped.
     shutil.rmtree(os.path.join(args.output_dir, ".stages"), ignore_errors=True)

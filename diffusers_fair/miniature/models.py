@@ -3,7 +3,7 @@
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+from transformers import CLIPConfig, CLIPModel
 
 from ..classifiers.base import AttributeClassifier
 from .world import IMAGE_SIZE
@@ -115,11 +115,6 @@ def _text_config(vocab_size: int, bos_token_id: int, eos_token_id: int) -> dict:
         eos_token_id=eos_token_id,
         pad_token_id=eos_token_id,
     )
-
-
-def make_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int) -> CLIPTextModel:
-    """The miniature text encoder: a 2-layer, 64-wide `CLIPTextModel` over the world's vocabulary."""
-    return CLIPTextModel(CLIPTextConfig(**_text_config(vocab_size, bos_token_id, eos_token_id)))
 
 
 def make_clip(vocab_size: int, bos_token_id: int, eos_token_id: int) -> CLIPModel:

@@ -42,9 +42,9 @@ from diffusers import (
 )
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
-from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
-from .models import MiniatureClassifier, make_clip, make_text_encoder, make_unet, make_vae
+from .models import MiniatureClassifier, make_clip, make_unet, make_vae
 from .tokenizer import build_tokenizer
 from .world import ATTRIBUTE_WORDS, ATTRIBUTES, OCCUPATION_NAMES, TEMPLATES, attribute_caption, sample_dataset
 
@@ -203,48 +203,56 @@ def train_vae(args, data, stage_dir: str) -> dict:
     return {"vae_psnr_db": round(10 * math.log10(1.0 / mse), 2), "scaling_factor": round(scaling_factor, 4)}
 
 
-def train_pipeline(args, data, vae: AutoencoderKL, tokenizer: CLIPTokenizer, out_dir: str, vae_metrics: dict) -> dict:
+def train_pipeline(
+    args,
+    data,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    out_dir: str,
+    vae_metrics: dict,
+) -> dict:
+    """Trains the U-Net on `text_encoder`'s outputs; the text encoder stays frozen, as Stable Diffusion's CLIP does."""
     torch.manual_seed(args.seed + 2)
+    text_encoder.requires_grad_(False).eval()
     with torch.no_grad():
         posteriors = [vae.encode(c * 2 - 1).latent_dist for c in data.images.split(256)]
         means = torch.cat([p.mean for p in posteriors])
         stds = torch.cat([p.std for p in posteriors])
-    ids = tokenizer(data.captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    ids = ids.input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    empty_ids = empty_ids.input_ids
+        ids = tokenizer(
+            data.captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        )
+        text_embeddings = torch.cat([text_encoder(chunk).last_hidden_state for chunk in ids.input_ids.split(256)])
+        empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        empty_embedding = text_encoder(empty_ids.input_ids).last_hidden_state
     if args.init_pipeline is None:
-        text_encoder = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
         unet = make_unet()
     else:
-        text_encoder = CLIPTextModel.from_pretrained(os.path.join(args.init_pipeline, "text_encoder"))
         unet = UNet2DConditionModel.from_pretrained(os.path.join(args.init_pipeline, "unet"))
-        text_encoder.train()
         unet.train()
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
     )
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters())
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(min(args.lr_warmup_steps, args.unet_steps), args.unet_steps)
     )
     generator = torch.Generator().manual_seed(args.seed + 2)
-    batches = _batches(generator, len(ids), args.train_batch_size)
-    progress = tqdm(range(args.unet_steps), desc="text encoder + unet")
+    batches = _batches(generator, len(text_embeddings), args.train_batch_size)
+    progress = tqdm(range(args.unet_steps), desc="unet")
     losses = []
     for step in progress:
         index = next(batches)
         latents = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
         latents = latents * vae.config.scaling_factor
-        input_ids = ids[index].clone()
+        embeddings = text_embeddings[index].clone()
         drop = torch.rand(len(index), generator=generator) < 0.1  # empty captions for classifier-free guidance
-        input_ids[drop] = empty_ids
+        embeddings[drop] = empty_embedding
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, 1000, (len(index),), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        embeddings = text_encoder(input_ids).last_hidden_state
         embeddings = embeddings + args.text_embedding_noise * torch.randn(embeddings.shape, generator=generator)
         mse = F.mse_loss(unet(noisy, timesteps, embeddings).sample, noise, reduction="none").mean(dim=(1, 2, 3))
         weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma > 0 else 1.0
@@ -282,15 +290,17 @@ def train_pipeline(args, data, vae: AutoencoderKL, tokenizer: CLIPTokenizer, out
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
         train_batch_size=args.train_batch_size,
-        training_images=len(ids),
+        training_images=len(text_embeddings),
     )
     body = """
 A miniature text-to-image model in the exact Stable Diffusion architecture (`AutoencoderKL` 32x32x3 <-> 8x8x4,
 `UNet2DConditionModel` with 64-wide cross-attention, a 2-layer 64-wide `CLIPTextModel`, a `CLIPTokenizer` over the
-world's own byte-level BPE vocabulary, `DPMSolverMultistepScheduler` with DPM-Solver++). Trained from scratch on
-procedurally rendered pixel-art people of `diffusers_fair.miniature` whose attribute distributions depend on the
-occupation (see `diffusers_fair/miniature/README.md`). It reproduces those biases on purpose: it is the model the
-library's fairness finetuning is demonstrated and tested on. Generate at 32x32, 20 steps, guidance 3.
+world's own byte-level BPE vocabulary, `DPMSolverMultistepScheduler` with DPM-Solver++). The text encoder is the
+text tower of the miniature CLIP, frozen while the U-Net trained, as Stable Diffusion's is OpenAI CLIP's. The VAE
+and U-Net were trained from scratch on procedurally rendered pixel-art people of `diffusers_fair.miniature` whose
+attribute distributions depend on the occupation (see `diffusers_fair/miniature/README.md`). It reproduces those
+biases on purpose: it is the model the library's fairness finetuning is demonstrated and tested on. Generate at
+32x32, 20 steps, guidance 3.
 """
 
     if args.init_pipeline is not None:
@@ -416,8 +426,10 @@ code as real CLIP. Normalise images with CLIP's mean and std (the saved `CLIPPro
     return metrics
 
 
-def train_companions(args, data, vae: AutoencoderKL, tokenizer: CLIPTokenizer) -> tuple[dict, dict]:
-    """Trains the classifiers and CLIP that are not yet in `args.output_dir`; returns their metrics and timings."""
+def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
+    """Trains the classifiers not yet in `args.output_dir`; returns their metrics and timings."""
+    torch.set_num_threads(1)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     summary, timings = {}, {}
     # Classifiers on clean renders + VAE round-trips; accuracy measured on a fresh seed.
     fresh = sample_dataset(images_per_occupation=max(2, args.images_per_occupation // 6), seed=args.seed + 1000)
@@ -485,20 +497,31 @@ classes. Trained on the miniature world's renders and their VAE round-trips. Loa
         _save_atomically(folder, write)
         timings[f"{name}_s"] = round(time.time() - t, 1)
 
-    # CLIP
-    clip_dir = os.path.join(args.output_dir, "clip")
-    if not os.path.isdir(clip_dir):
-        t = time.time()
-        summary["clip"] = train_clip(args, data, tokenizer, clip_dir)
-        timings["clip_s"] = round(time.time() - t, 1)
-
     return summary, timings
 
 
-def _train_companions_in_subprocess(args, data, vae_dir: str, tokenizer_dir: str) -> tuple[dict, dict]:
+def _clip_stage(args, data, tokenizer_dir: str) -> tuple[dict, dict]:
+    """Trains CLIP unless it is in `args.output_dir`; returns its metrics and timing."""
     torch.set_num_threads(1)
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-    return train_companions(args, data, vae, CLIPTokenizer.from_pretrained(tokenizer_dir))
+    clip_dir = os.path.join(args.output_dir, "clip")
+    if os.path.isdir(clip_dir):
+        return {}, {}
+    t = time.time()
+    metrics = train_clip(args, data, CLIPTokenizer.from_pretrained(tokenizer_dir), clip_dir)
+    return {"clip": metrics}, {"clip_s": round(time.time() - t, 1)}
+
+
+def _start(executor: ProcessPoolExecutor | None, stage: Callable, *stage_args) -> Callable[[], tuple[dict, dict]]:
+    """Runs `stage` in `executor`'s process, or here and now without one; returns a function giving its result."""
+    if executor is None:
+        result = stage(*stage_args)
+        return lambda: result
+    return executor.submit(stage, *stage_args).result
+
+
+def _merge(result: tuple[dict, dict], summary: dict, timings: dict) -> None:
+    summary.update(result[0])
+    timings.update(result[1])
 
 
 def main(input_args: list[str] | None = None) -> dict:
@@ -515,47 +538,50 @@ def main(input_args: list[str] | None = None) -> dict:
     tokenizer_dir = os.path.join(args.output_dir, ".stages", "tokenizer")
     tokenizer = build_tokenizer(tokenizer_dir)
 
-    # 1. VAE
+    # Stages run in pairs: CLIP beside the VAE, then the classifiers (which need the VAE) beside the U-Net (which needs
+    # CLIP's text tower as its text encoder). With two or more threads, the first of each pair trains in a second
+    # process on one thread, as the U-Net stage gains little from a second thread; otherwise one after the other.
+    pipeline_dir = os.path.join(args.output_dir, "pipeline")
+    clip_dir = os.path.join(args.output_dir, "clip")
     vae_dir = os.path.join(args.output_dir, ".stages", "vae")
     metrics_path = os.path.join(args.output_dir, ".stages", "vae_metrics.json")
-    pipeline_dir = os.path.join(args.output_dir, "pipeline")
     if os.path.isdir(pipeline_dir):  # a finished pipeline holds the VAE it was trained with
         vae_dir = os.path.join(pipeline_dir, "vae")
     elif args.init_pipeline is not None:
         vae_dir = os.path.join(args.init_pipeline, "vae")
-    elif not os.path.isdir(vae_dir):
-        t = time.time()
-        with open(metrics_path + ".tmp", "w") as f:
-            json.dump(train_vae(args, data, vae_dir), f)
-        os.replace(metrics_path + ".tmp", metrics_path)
-        timings["vae_s"] = round(time.time() - t, 1)
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-    if os.path.isfile(metrics_path):
-        with open(metrics_path) as f:
-            summary.update(json.load(f))
-
-    # 2. Text encoder + U-Net. 3-5. Classifiers and CLIP, which do not need the U-Net: with two or more threads they
-    # train in a second process (one thread) meanwhile, as the U-Net stage gains little from a second thread.
-    companions_done = all(os.path.isdir(os.path.join(args.output_dir, name)) for name in COMPANIONS)
-    executor = parallel = None
+    remaining = [name for name in ["pipeline", *COMPANIONS] if not os.path.isdir(os.path.join(args.output_dir, name))]
+    executor = None
+    if args.num_threads >= 2 and remaining:
+        executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        torch.set_num_threads(args.num_threads - 1)
     try:
-        if args.num_threads >= 2 and not os.path.isdir(pipeline_dir) and not companions_done:
-            executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-            parallel = executor.submit(_train_companions_in_subprocess, args, data, vae_dir, tokenizer_dir)
-            torch.set_num_threads(args.num_threads - 1)
+        # 1. CLIP | VAE
+        clip_stage = _start(executor, _clip_stage, args, data, tokenizer_dir)
+        if not os.path.isdir(vae_dir):
+            t = time.time()
+            with open(metrics_path + ".tmp", "w") as f:
+                json.dump(train_vae(args, data, vae_dir), f)
+            os.replace(metrics_path + ".tmp", metrics_path)
+            timings["vae_s"] = round(time.time() - t, 1)
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        if os.path.isfile(metrics_path):
+            with open(metrics_path) as f:
+                summary.update(json.load(f))
+        _merge(clip_stage(), summary, timings)
+        # 2. classifiers | text encoder (frozen CLIP text tower) + U-Net
+        classifiers_stage = _start(executor, _classifiers_stage, args, data, vae_dir)
         if not os.path.isdir(pipeline_dir):
             t = time.time()
-            summary.update(train_pipeline(args, data, vae, tokenizer, pipeline_dir, dict(summary)))
+            if args.init_pipeline is None:
+                text_encoder = CLIPModel.from_pretrained(clip_dir).text_model
+            else:
+                text_encoder = CLIPTextModel.from_pretrained(os.path.join(args.init_pipeline, "text_encoder"))
+            summary.update(train_pipeline(args, data, vae, tokenizer, text_encoder, pipeline_dir, dict(summary)))
             timings["text_encoder_unet_s"] = round(time.time() - t, 1)
-        if parallel is not None:
-            companions_summary, companions_timings = parallel.result()
-        else:
-            companions_summary, companions_timings = train_companions(args, data, vae, tokenizer)
+        _merge(classifiers_stage(), summary, timings)
     finally:
         if executor is not None:
             executor.shutdown()
-    summary.update(companions_summary)
-    timings.update(companions_timings)
 
     # Intermediate stages are only needed until the pipeline exists; they are not shipped.
     shutil.rmtree(os.path.join(args.output_dir, ".stages"), ignore_errors=True)

@@ -6,17 +6,21 @@ Trains every artefact of the miniature world from scratch, seeded and on CPU.
 Stages, each written atomically to its own folder of `DIR` when it finishes (a rerun with the same `DIR` skips the
 finished ones, so a crash loses at most the stage in progress):
 
-1. `DIR/.stages/vae`: the `AutoencoderKL` (32x32x3 <-> 8x8x4), its `scaling_factor` measured on the data.
-2. `DIR/pipeline`: text encoder + U-Net trained jointly on the VAE latents (DDPM, epsilon prediction, 10% empty
-   captions for classifier-free guidance, EMA), saved as a diffusers `StableDiffusionPipeline` folder with a
-   `DPMSolverMultistepScheduler` (DPM-Solver++).
-3. `DIR/classifier-train`, `DIR/classifier-eval`: independent attribute classifiers (other seed, architecture and
-   augmentation), trained on clean renders and their VAE round-trips.
-4. `DIR/classifier-context`: the occupation classifier that measures whether the context is preserved.
-5. `DIR/clip`: a tiny `CLIPModel` + `CLIPProcessor` trained contrastively on the world's images and captions.
+1. `DIR/clip`: a tiny `CLIPModel` + `CLIPProcessor` trained contrastively on the world's images and captions, and
+   `DIR/.stages/vae`: the `AutoencoderKL` (32x32x3 <-> 8x8x4), its `scaling_factor` measured on the data.
+2. `DIR/classifier-train`, `DIR/classifier-eval`: independent attribute classifiers (other seed, architecture and
+   augmentation), trained on clean renders and their VAE round-trips; `DIR/classifier-context`: the occupation
+   classifier that measures whether the context is preserved; and `DIR/pipeline`: the U-Net trained on the VAE
+   latents (DDPM, epsilon prediction, Min-SNR weights, 10% empty captions for classifier-free guidance, EMA) under
+   CLIP's text tower as the frozen text encoder, as Stable Diffusion's U-Net is trained under a frozen CLIP, saved as
+   a diffusers `StableDiffusionPipeline` folder with a `DPMSolverMultistepScheduler` (DPM-Solver++).
 
-The shipped weights in `diffusers_fair/miniature/weights` were made with the default budget and arguments
-(`--output_dir /tmp/mini-v2`, then copied there); see the miniature README for the times and measurements.
+With `--num_threads 2` or more, the first of each pair trains in a second process on one thread while the other
+trains here: the U-Net stage gains little from a second thread.
+
+The shipped weights in `diffusers_fair/miniature/weights` were made with the default budget and arguments but one
+thread (`--output_dir /tmp/mini-v3a --num_threads 1`, then copied there); see the miniature README for the times and
+measurements.
 """
 
 import argparse

@@ -61,7 +61,7 @@ MINIATURE_DEFAULTS = {  # the demo: about 10 minutes on 2 CPU cores
     "images_per_prompt": 12,
     "eval_images_per_prompt": 32,
     "max_train_steps": 80,
-    "learning_rate": 5e-3,
+    "learning_rate": 1e-3,
     "rank": 8,
     "confidence_threshold": 0.6,
     "lambda_img_agree": 8.0,

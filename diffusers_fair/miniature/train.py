@@ -55,8 +55,8 @@ from .world import ATTRIBUTE_WORDS, ATTRIBUTES, OCCUPATION_NAMES, TEMPLATES, att
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
-# name: (full budget, --quick budget)
 COMPANIONS = ["classifier-train", "classifier-eval", "classifier-context", "clip"]
+# name: (full budget, --quick budget)
 BUDGETS = {
     "images_per_occupation": (120, 4),
     "vae_steps": (1500, 10),
@@ -78,7 +78,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_batch_size", type=int, default=32, help="Batch size of the U-Net stage.")
     parser.add_argument("--learning_rate", type=float, default=3e-3, help="Peak AdamW learning rate of the U-Net.")
     parser.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear warmup, then cosine to 10%%.")
-    parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of U-Net and text encoder.")
+    parser.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the U-Net.")
     parser.add_argument(
         "--text_embedding_noise",
         type=float,
@@ -101,15 +101,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--init_pipeline",
         default=None,
-        help="Continue training the text encoder + U-Net of a pipeline folder written by this script (its VAE is "
-        "reused, not retrained) instead of starting from scratch.",
+        help="Continue training the U-Net of a pipeline folder written by this script (its VAE and frozen text "
+        "encoder are reused, not retrained) instead of starting from scratch.",
     )
     parser.add_argument(
         "--num_threads",
         type=int,
         default=2,
-        help="torch CPU threads. With 2 or more, the classifiers and CLIP train in a second process (one thread) "
-        "while the U-Net trains on the others.",
+        help="torch CPU threads. With 2 or more, CLIP and then the classifiers train in a second process (one "
+        "thread) while the VAE and then the U-Net train on the others.",
     )
     args = parser.parse_args(input_args)
     args.command = "python -m diffusers_fair.miniature.train " + " ".join(
@@ -170,6 +170,11 @@ def _vae_round_trip(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 
     return torch.cat(out)
 
 
+def _token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    """Token ids `(len(texts), model_max_length)`, padded as Stable Diffusion pipelines pad prompts."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+
+
 def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     r"""
     Min-SNR-gamma weights `(B,)` of an epsilon-prediction loss (Hang et al., 2023): `min(SNR(t), gamma) / SNR(t)`,
@@ -223,12 +228,9 @@ def train_pipeline(
         posteriors = [vae.encode(c * 2 - 1).latent_dist for c in data.images.split(256)]
         means = torch.cat([p.mean for p in posteriors])
         stds = torch.cat([p.std for p in posteriors])
-        ids = tokenizer(
-            data.captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-        )
-        text_embeddings = torch.cat([text_encoder(chunk).last_hidden_state for chunk in ids.input_ids.split(256)])
-        empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-        empty_embedding = text_encoder(empty_ids.input_ids).last_hidden_state
+        ids = _token_ids(tokenizer, data.captions)
+        text_embeddings = torch.cat([text_encoder(chunk).last_hidden_state for chunk in ids.split(256)])
+        empty_embedding = text_encoder(_token_ids(tokenizer, [""])).last_hidden_state
     if args.init_pipeline is None:
         unet = make_unet()
     else:
@@ -386,8 +388,7 @@ def train_clip(args, data, tokenizer: CLIPTokenizer, out_dir: str) -> dict:
             attribute = list(ATTRIBUTES)[rng.integers(len(ATTRIBUTES))]
             word = ATTRIBUTE_WORDS[attribute][ATTRIBUTES[attribute][int(data.labels[attribute][i])]]
         captions.append(attribute_caption(occupation, int(rng.integers(len(TEMPLATES))), word))
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    ids = ids.input_ids
+    ids = _token_ids(tokenizer, captions)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     model = make_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
@@ -432,7 +433,6 @@ code as real CLIP. Normalise images with CLIP's mean and std (the saved `CLIPPro
 
 def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
     """Trains the classifiers not yet in `args.output_dir`; returns their metrics and timings."""
-    torch.set_num_threads(1)
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     summary, timings = {}, {}
     # Classifiers on clean renders + VAE round-trips; accuracy measured on a fresh seed.
@@ -506,7 +506,6 @@ classes. Trained on the miniature world's renders and their VAE round-trips. Loa
 
 def _clip_stage(args, data, tokenizer_dir: str) -> tuple[dict, dict]:
     """Trains CLIP unless it is in `args.output_dir`; returns its metrics and timing."""
-    torch.set_num_threads(1)
     clip_dir = os.path.join(args.output_dir, "clip")
     if os.path.isdir(clip_dir):
         return {}, {}
@@ -515,12 +514,17 @@ def _clip_stage(args, data, tokenizer_dir: str) -> tuple[dict, dict]:
     return {"clip": metrics}, {"clip_s": round(time.time() - t, 1)}
 
 
+def _on_one_thread(stage: Callable, *stage_args):
+    torch.set_num_threads(1)
+    return stage(*stage_args)
+
+
 def _start(executor: ProcessPoolExecutor | None, stage: Callable, *stage_args) -> Callable[[], tuple[dict, dict]]:
-    """Runs `stage` in `executor`'s process, or here and now without one; returns a function giving its result."""
+    """Runs `stage` in `executor`'s process on one thread, or here and now without one; returns its result getter."""
     if executor is None:
         result = stage(*stage_args)
         return lambda: result
-    return executor.submit(stage, *stage_args).result
+    return executor.submit(_on_one_thread, stage, *stage_args).result
 
 
 def _merge(result: tuple[dict, dict], summary: dict, timings: dict) -> None:
@@ -553,9 +557,9 @@ def main(input_args: list[str] | None = None) -> dict:
         vae_dir = os.path.join(pipeline_dir, "vae")
     elif args.init_pipeline is not None:
         vae_dir = os.path.join(args.init_pipeline, "vae")
-    remaining = [name for name in ["pipeline", *COMPANIONS] if not os.path.isdir(os.path.join(args.output_dir, name))]
+    companions_left = any(not os.path.isdir(os.path.join(args.output_dir, name)) for name in COMPANIONS)
     executor = None
-    if args.num_threads >= 2 and remaining:
+    if args.num_threads >= 2 and companions_left and not os.path.isdir(pipeline_dir):
         executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         torch.set_num_threads(args.num_threads - 1)
     try:
@@ -568,9 +572,11 @@ def main(input_args: list[str] | None = None) -> dict:
             os.replace(metrics_path + ".tmp", metrics_path)
             timings["vae_s"] = round(time.time() - t, 1)
         vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        vae_metrics = {}
         if os.path.isfile(metrics_path):
             with open(metrics_path) as f:
-                summary.update(json.load(f))
+                vae_metrics = json.load(f)
+        summary.update(vae_metrics)
         _merge(clip_stage(), summary, timings)
         # 2. classifiers | text encoder (frozen CLIP text tower) + U-Net
         classifiers_stage = _start(executor, _classifiers_stage, args, data, vae_dir)
@@ -580,7 +586,7 @@ def main(input_args: list[str] | None = None) -> dict:
                 text_encoder = CLIPModel.from_pretrained(clip_dir).text_model
             else:
                 text_encoder = CLIPTextModel.from_pretrained(os.path.join(args.init_pipeline, "text_encoder"))
-            summary.update(train_pipeline(args, data, vae, tokenizer, text_encoder, pipeline_dir, dict(summary)))
+            summary.update(train_pipeline(args, data, vae, tokenizer, text_encoder, pipeline_dir, vae_metrics))
             timings["text_encoder_unet_s"] = round(time.time() - t, 1)
         _merge(classifiers_stage(), summary, timings)
     finally:

@@ -9,8 +9,16 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from diffusers_fair.miniature import load_classifier, load_clip, load_pipeline
-from diffusers_fair.miniature.train import main, min_snr_weights, parse_args
+from diffusers_fair.miniature import (
+    ATTRIBUTES,
+    OCCUPATION_NAMES,
+    load_classifier,
+    load_clip,
+    load_pipeline,
+    sample_dataset,
+)
+from diffusers_fair.miniature.train import CAPTIONS, draw_captions, main, min_snr_weights, parse_args
+from diffusers_fair.miniature.world import ATTRIBUTE_WORDS, TEMPLATES
 
 torch.set_num_threads(1)
 
@@ -26,6 +34,33 @@ def test_parse_args_budgets_and_errors():
         parse_args(["--output_dir", "x", "--snr_gamma", "-1"])
     with pytest.raises(ValueError, match="--attribute_word_probability"):
         parse_args(["--output_dir", "x", "--attribute_word_probability", "1.5"])
+
+
+def test_draw_captions_name_true_attributes_at_the_given_rate():
+    data = sample_dataset(images_per_occupation=10, seed=0)
+    index = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0)).repeat(4)
+    drawn = draw_captions(data, index, 0.5, torch.Generator().manual_seed(1))
+    assert len(CAPTIONS) == len(OCCUPATION_NAMES) * len(TEMPLATES) * 9
+    named, per_image = 0, {}
+    for i, k in zip(index.tolist(), drawn.tolist()):
+        caption = CAPTIONS[k]
+        tokens = caption.replace(",", "").split()
+        assert OCCUPATION_NAMES[int(data.occupations[i])] in tokens
+        words = {w: (a, c) for a, classes in ATTRIBUTE_WORDS.items() for c, w in classes.items() if w in tokens}
+        assert len(words) <= 1
+        for attribute, cls in words.values():
+            assert ATTRIBUTES[attribute][int(data.labels[attribute][i])] == cls, caption
+        named += bool(words)
+        per_image.setdefault(i, set()).add(k)
+    assert 0.4 < named / len(index) < 0.6
+    # The same image is drawn with different captions (fresh each time), unlike a fixed caption per image.
+    assert sum(len(v) > 1 for v in per_image.values()) > 0.5 * len(per_image)
+    assert not any(
+        w in CAPTIONS[k].replace(",", "").split()
+        for k in draw_captions(data, index, 0.0, torch.Generator()).tolist()
+        for classes in ATTRIBUTE_WORDS.values()
+        for w in classes.values()
+    )
 
 
 def test_min_snr_weights():

@@ -11,15 +11,16 @@ finished ones, so a crash loses at most the stage in progress):
 2. `DIR/classifier-train`, `DIR/classifier-eval`: independent attribute classifiers (other seed, architecture and
    augmentation), trained on clean renders and their VAE round-trips; `DIR/classifier-context`: the occupation
    classifier that measures whether the context is preserved; and `DIR/pipeline`: the U-Net trained on the VAE
-   latents (DDPM, epsilon prediction, Min-SNR weights, 10% empty captions for classifier-free guidance, EMA) under
-   CLIP's text tower as the frozen text encoder, as Stable Diffusion's U-Net is trained under a frozen CLIP, saved as
-   a diffusers `StableDiffusionPipeline` folder with a `DPMSolverMultistepScheduler` (DPM-Solver++).
+   latents (DDPM, epsilon prediction, Min-SNR weights, a fresh caption each time an image is drawn, 10% empty
+   captions for classifier-free guidance, EMA) under CLIP's text tower as the frozen text encoder, as Stable
+   Diffusion's U-Net is trained under a frozen CLIP, saved as a diffusers `StableDiffusionPipeline` folder with a
+   `DPMSolverMultistepScheduler` (DPM-Solver++).
 
 With `--num_threads 2` or more, the first of each pair trains in a second process on one thread while the other
 trains here: the U-Net stage gains little from a second thread.
 
 The shipped weights in `diffusers_fair/miniature/weights` were made with the default budget and arguments but one
-thread (`--output_dir /tmp/mini-v3a --num_threads 1`, then copied there); see the miniature README for the times and
+thread (`--output_dir /tmp/mini-v5a --num_threads 1`, then copied there); see the miniature README for the times and
 measurements.
 """
 
@@ -170,6 +171,39 @@ def _vae_round_trip(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 
     return torch.cat(out)
 
 
+# Every caption the U-Net stage can draw: occupation x template x (no word, or one attribute word).
+CAPTION_SLOTS: list[tuple[str, str] | None] = [None] + [(a, c) for a in ATTRIBUTES for c in ATTRIBUTES[a]]
+CAPTIONS: list[str] = [
+    attribute_caption(occupation, template, None if slot is None else ATTRIBUTE_WORDS[slot[0]][slot[1]])
+    for occupation in OCCUPATION_NAMES
+    for template in range(len(TEMPLATES))
+    for slot in CAPTION_SLOTS
+]
+
+
+def draw_captions(
+    data, index: torch.Tensor, attribute_word_probability: float, generator: torch.Generator
+) -> torch.Tensor:
+    r"""
+    A fresh caption for each drawn image, as indices into `CAPTIONS`: a uniform template and, with probability
+    `attribute_word_probability`, the word of one true attribute (chosen uniformly) of the person.
+
+    Drawing captions anew each time an image is drawn (rather than fixing one caption per image) shows every attribute
+    word with every image of its class over training, so words steer the model even for rare attribute-occupation
+    combinations ("a long-haired guard").
+    """
+    templates = torch.randint(len(TEMPLATES), (len(index),), generator=generator)
+    named = torch.rand(len(index), generator=generator) < attribute_word_probability
+    attribute = torch.randint(len(ATTRIBUTES), (len(index),), generator=generator)
+    slot = torch.zeros(len(index), dtype=torch.long)
+    offset = 1
+    for k, name in enumerate(ATTRIBUTES):
+        chosen = named & (attribute == k)
+        slot[chosen] = offset + data.labels[name][index][chosen]
+        offset += len(ATTRIBUTES[name])
+    return (data.occupations[index] * len(TEMPLATES) + templates) * len(CAPTION_SLOTS) + slot
+
+
 def _token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
     """Token ids `(len(texts), model_max_length)`, padded as Stable Diffusion pipelines pad prompts."""
     return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
@@ -228,7 +262,7 @@ def train_pipeline(
         posteriors = [vae.encode(c * 2 - 1).latent_dist for c in data.images.split(256)]
         means = torch.cat([p.mean for p in posteriors])
         stds = torch.cat([p.std for p in posteriors])
-        ids = _token_ids(tokenizer, data.captions)
+        ids = _token_ids(tokenizer, CAPTIONS)
         text_embeddings = torch.cat([text_encoder(chunk).last_hidden_state for chunk in ids.split(256)])
         empty_embedding = text_encoder(_token_ids(tokenizer, [""])).last_hidden_state
     if args.init_pipeline is None:
@@ -246,14 +280,14 @@ def train_pipeline(
         optimizer, _lr_lambda(min(args.lr_warmup_steps, args.unet_steps), args.unet_steps)
     )
     generator = torch.Generator().manual_seed(args.seed + 2)
-    batches = _batches(generator, len(text_embeddings), args.train_batch_size)
+    batches = _batches(generator, len(means), args.train_batch_size)
     progress = tqdm(range(args.unet_steps), desc="unet")
     losses = []
     for step in progress:
         index = next(batches)
         latents = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
         latents = latents * vae.config.scaling_factor
-        embeddings = text_embeddings[index].clone()
+        embeddings = text_embeddings[draw_captions(data, index, args.attribute_word_probability, generator)].clone()
         drop = torch.rand(len(index), generator=generator) < 0.1  # empty captions for classifier-free guidance
         embeddings[drop] = empty_embedding
         noise = torch.randn(latents.shape, generator=generator)
@@ -296,7 +330,7 @@ def train_pipeline(
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
         train_batch_size=args.train_batch_size,
-        training_images=len(text_embeddings),
+        training_images=len(means),
     )
     body = """
 A miniature text-to-image model in the exact Stable Diffusion architecture (`AutoencoderKL` 32x32x3 <-> 8x8x4,
@@ -538,11 +572,9 @@ def main(input_args: list[str] | None = None) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
     timings, summary = {}, {}
-    data = sample_dataset(
-        images_per_occupation=args.images_per_occupation,
-        seed=args.seed,
-        attribute_word_probability=args.attribute_word_probability,
-    )
+    # The U-Net draws a fresh caption per image each time (`train_pipeline`); the dataset's own captions (whose
+    # drawing would change the images with `--attribute_word_probability`) are not used.
+    data = sample_dataset(images_per_occupation=args.images_per_occupation, seed=args.seed)
     tokenizer_dir = os.path.join(args.output_dir, ".stages", "tokenizer")
     tokenizer = build_tokenizer(tokenizer_dir)
 

@@ -303,19 +303,34 @@ class FairFinetuningObjective(nn.Module):
         return total, logs
 
 
+def frozen_unconditional_embeds(pipeline, batch_size: int = 1) -> torch.Tensor:
+    r"""
+    The empty prompt's embedding from the base text encoder (adaptors disabled), `(batch_size, L, D)`: pass it as
+    `negative_prompt_embeds` (one row per prompt; the pipeline repeats it per image) so that classifier-free guidance's
+    unconditional branch stays the base model's while the prompts go through the adapted encoder.
+    """
+    with torch.no_grad(), adapters_disabled(pipeline.text_encoder):
+        embeds = pipeline.encode_prompt("", pipeline._execution_device, 1, False)[0]
+    return embeds.repeat(batch_size, 1, 1)
+
+
 class AdaptedPipeline:
     r"""
     A view of a pipeline with its fair adaptors on (`enabled=True`, prompts prefixed for `prompt_prefix`) or off (the
     frozen base model), callable like the pipeline (the contract of [`~diffusers_fair.metrics.generate_images`]).
+    With `frozen_unconditional=True` the adapted view guides with the base encoder's empty-prompt embedding (see
+    [`frozen_unconditional_embeds`]), as a model trained so must be sampled.
     """
 
-    def __init__(self, adapters: FairAdapters, enabled: bool = True):
-        self.adapters, self.enabled = adapters, enabled
+    def __init__(self, adapters: FairAdapters, enabled: bool = True, frozen_unconditional: bool = False):
+        self.adapters, self.enabled, self.frozen_unconditional = adapters, enabled, frozen_unconditional
 
     def __call__(self, prompt: str | Sequence[str], **kwargs):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         pipeline = self.adapters.pipeline
         if self.enabled:
+            if self.frozen_unconditional and kwargs.get("negative_prompt_embeds") is None:
+                kwargs["negative_prompt_embeds"] = frozen_unconditional_embeds(pipeline, len(prompts))
             return pipeline(prompt=self.adapters.apply_prompt(prompts), **kwargs)
         with adapters_disabled(pipeline.text_encoder, pipeline.unet):
             return pipeline(prompt=prompts, **kwargs)
@@ -331,6 +346,7 @@ def evaluate_adapters(
     enabled: bool = True,
     batch_size: int = 16,
     seed: int = 0,
+    frozen_unconditional: bool = False,
     **generation_kwargs,
 ) -> dict:
     r"""
@@ -350,6 +366,7 @@ def evaluate_adapters(
         context_classifier ([`AttributeClassifier`], *optional*): A classifier of what must not change.
         enabled (`bool`, *optional*, defaults to `True`): Evaluate the adapted model (`False`: the base model).
         batch_size (`int`, *optional*, defaults to 16), seed (`int`, *optional*, defaults to 0): Generation.
+        frozen_unconditional (`bool`, *optional*, defaults to `False`): See [`AdaptedPipeline`].
         generation_kwargs: `num_inference_steps`, `guidance_scale`, `height`, `width`, ... for the pipeline.
 
     Returns:
@@ -357,7 +374,7 @@ def evaluate_adapters(
     """
     from .metrics import generate_images, mean_std, score_images
 
-    view = AdaptedPipeline(adapters, enabled)
+    view = AdaptedPipeline(adapters, enabled, frozen_unconditional)
     rows = []
     kwargs = {"batch_size": batch_size, "seed": seed, "progress_bar": False, **generation_kwargs}
     for prompt in prompts:
@@ -382,6 +399,7 @@ def validation_grid(
     classifier: nn.Module,
     num_images_per_prompt: int = 8,
     seed: int = 0,
+    frozen_unconditional: bool = False,
     **generation_kwargs,
 ):
     r"""
@@ -395,6 +413,7 @@ def validation_grid(
         classifier ([`AttributeClassifier`]): Predicts the attributes of the bars.
         num_images_per_prompt (`int`, *optional*, defaults to 8): Images (columns) per row.
         seed (`int`, *optional*, defaults to 0): Base seed of [`~diffusers_fair.metrics.generate_images`].
+        frozen_unconditional (`bool`, *optional*, defaults to `False`): See [`AdaptedPipeline`].
         generation_kwargs: `num_inference_steps`, `guidance_scale`, `height`, `width`, ... for the pipeline.
 
     Returns:
@@ -409,7 +428,8 @@ def validation_grid(
     kwargs = {"seed": seed, "progress_bar": False, **generation_kwargs}
     for prompt in prompts:
         for enabled in (False, True):
-            images = generate_images(AdaptedPipeline(adapters, enabled), [prompt], num_images_per_prompt, **kwargs)
+            view = AdaptedPipeline(adapters, enabled, frozen_unconditional)
+            images = generate_images(view, [prompt], num_images_per_prompt, **kwargs)
             rows.append(images[prompt])
             probabilities.append(classify_images(images[prompt], classifier))
     return Image.fromarray(annotated_grid(rows, probabilities))

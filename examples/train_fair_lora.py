@@ -34,13 +34,13 @@ from diffusers_fair.audit.core import load_classifier as load_any_classifier
 from diffusers_fair.audit.core import load_clip, looks_like_path
 from diffusers_fair.faces import load_detector
 from diffusers_fair.model_card import make_model_card
-from diffusers_fair.pipeline_fair_stable_diffusion import adapters_disabled
 from diffusers_fair.prompts import load_prompts
 from diffusers_fair.training import (
     FINETUNE_MODES,
     FairFinetuningObjective,
     add_fair_adapters,
     evaluate_adapters,
+    frozen_unconditional_embeds,
     validation_grid,
 )
 
@@ -299,10 +299,8 @@ def main(input_args: list[str] | None = None) -> dict:
     accelerator.register_save_state_pre_hook(lambda models, weights, folder: adapters.save_state(folder))
     accelerator.register_load_state_pre_hook(lambda models, folder: adapters.load_state(folder))
 
-    negative_prompt_embeds = None
-    if args.frozen_unconditional:
-        with torch.no_grad(), adapters_disabled(pipe.text_encoder):
-            negative_prompt_embeds = pipe.encode_prompt("", device, args.images_per_prompt, False)[0]
+    # One row for the one prompt of each engine call; the pipeline repeats it per image.
+    negative_prompt_embeds = frozen_unconditional_embeds(pipe) if args.frozen_unconditional else None
 
     # 2. Resume
     global_step = 0
@@ -440,6 +438,7 @@ def evaluate(adapters, prompts, classifier, context_classifier, args, enabled: b
         context_classifier,
         enabled,
         seed=args.seed,
+        frozen_unconditional=args.frozen_unconditional,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         height=args.resolution,
@@ -465,6 +464,7 @@ def write_validation_grid(adapters, eval_prompts, classifier, args, step: int) -
         classifier,
         args.num_validation_images,
         seed=args.seed,
+        frozen_unconditional=args.frozen_unconditional,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         height=args.resolution,

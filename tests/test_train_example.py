@@ -66,6 +66,30 @@ def test_two_steps_per_mode_write_an_adaptor_stock_diffusers_reproduces(finetune
         assert row["freq/hair"] == ours["freq/hair"] and row["freq/skin"] == ours["freq/skin"]
 
 
+def test_frozen_unconditional_trains_and_evaluates_with_the_base_empty_prompt(tmp_path, eval_prompts):
+    evaluation = train.main(tiny_run(tmp_path, eval_prompts, "--frozen_unconditional"))
+    # The script's evaluation is what stock diffusers draws with the adaptor loaded and the base encoder's empty-prompt
+    # embedding as `negative_prompt_embeds` (the documented way to use such an adaptor).
+    base = StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR / "pipeline", safety_checker=None)
+    negative = base.encode_prompt("", "cpu", 1, False)[0]
+    stock = StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR / "pipeline", safety_checker=None)
+    stock.scheduler = load_pipeline().scheduler
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(tmp_path)
+    assert not torch.equal(stock.encode_prompt("", "cpu", 1, False)[0], negative)  # the adaptor moves the empty prompt
+
+    def adapted(prompt, **kwargs):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        return stock(prompt=prompts, negative_prompt_embeds=negative.repeat(len(prompts), 1, 1), **kwargs)
+
+    prompts = [row["prompt"] for row in evaluation["after"]["per_prompt"]]
+    images = generate_images(adapted, prompts, 2, num_inference_steps=3, guidance_scale=3.0, progress_bar=False,
+                             height=32, width=32)  # fmt: skip
+    rescored = score_images(images, load_classifier("eval"))
+    for row, ours in zip(rescored.per_prompt, evaluation["after"]["per_prompt"]):
+        assert row["freq/hair"] == ours["freq/hair"] and row["freq/skin"] == ours["freq/skin"]
+
+
 def test_resume_continues_exactly(tmp_path, eval_prompts, monkeypatch):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     schedule = ["--max_train_steps", "4", "--checkpointing_steps", "2"]

@@ -113,6 +113,21 @@ def test_evaluate_adapters_base_and_adapted_views():
     assert torch.equal(base.images, plain.images)
 
 
+def test_frozen_unconditional_view_guides_with_the_base_empty_prompt():
+    pipe, adapters = perturbed_adapters("text_encoder_lora")
+    prompts = ["a photo of the face of a doctor", "a photo of the face of a nurse"]
+    negative = tiny_pipeline(StableDiffusionPipeline).encode_prompt("", "cpu", 1, False)[0]  # a pipeline never adapted
+
+    def draw(view, **kwargs):
+        return view(prompts, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0), **KWARGS, **kwargs)
+
+    frozen = draw(AdaptedPipeline(adapters, frozen_unconditional=True)).images
+    expected = draw(pipe, negative_prompt_embeds=negative.repeat(len(prompts), 1, 1)).images
+    torch.testing.assert_close(frozen, expected)
+    adapted = draw(AdaptedPipeline(adapters)).images  # the empty prompt through the adapted encoder
+    assert (adapted - frozen).abs().max() > 1e-3
+
+
 def test_errors():
     pipe = tiny_pipeline()
     with pytest.raises(ValueError, match="finetune"):

@@ -36,6 +36,16 @@ def tiny_run(output_dir, eval_prompts, *extra):
     ]  # fmt: skip
 
 
+def assert_same_classes_as_the_script(adapted, evaluation):
+    """`adapted` (stock diffusers) draws, from the script's seeds, images of the classes its evaluation saw."""
+    prompts = [row["prompt"] for row in evaluation["after"]["per_prompt"]]
+    images = generate_images(adapted, prompts, 2, num_inference_steps=3, guidance_scale=3.0, progress_bar=False,
+                             height=32, width=32)  # fmt: skip
+    rescored = score_images(images, load_classifier("eval"))
+    for row, ours in zip(rescored.per_prompt, evaluation["after"]["per_prompt"]):
+        assert row["freq/hair"] == ours["freq/hair"] and row["freq/skin"] == ours["freq/skin"]
+
+
 @pytest.mark.parametrize("finetune", ["text_encoder_lora", "unet_lora", "text_encoder_and_unet_lora", "prompt_prefix"])
 def test_two_steps_per_mode_write_an_adaptor_stock_diffusers_reproduces(finetune, tmp_path, eval_prompts):
     evaluation = train.main(tiny_run(tmp_path, eval_prompts, "--finetune", finetune))
@@ -58,12 +68,7 @@ def test_two_steps_per_mode_write_an_adaptor_stock_diffusers_reproduces(finetune
         prompts = [prompt] if isinstance(prompt, str) else prompt
         return stock(prompt=[f"<fair> {p}" if finetune == "prompt_prefix" else p for p in prompts], **kwargs)
 
-    prompts = [row["prompt"] for row in evaluation["after"]["per_prompt"]]
-    images = generate_images(adapted, prompts, 2, num_inference_steps=3, guidance_scale=3.0, progress_bar=False,
-                             height=32, width=32)  # fmt: skip
-    rescored = score_images(images, load_classifier("eval"))
-    for row, ours in zip(rescored.per_prompt, evaluation["after"]["per_prompt"]):
-        assert row["freq/hair"] == ours["freq/hair"] and row["freq/skin"] == ours["freq/skin"]
+    assert_same_classes_as_the_script(adapted, evaluation)
 
 
 def test_frozen_unconditional_trains_and_evaluates_with_the_base_empty_prompt(tmp_path, eval_prompts):
@@ -82,12 +87,7 @@ def test_frozen_unconditional_trains_and_evaluates_with_the_base_empty_prompt(tm
         prompts = [prompt] if isinstance(prompt, str) else prompt
         return stock(prompt=prompts, negative_prompt_embeds=negative.repeat(len(prompts), 1, 1), **kwargs)
 
-    prompts = [row["prompt"] for row in evaluation["after"]["per_prompt"]]
-    images = generate_images(adapted, prompts, 2, num_inference_steps=3, guidance_scale=3.0, progress_bar=False,
-                             height=32, width=32)  # fmt: skip
-    rescored = score_images(images, load_classifier("eval"))
-    for row, ours in zip(rescored.per_prompt, evaluation["after"]["per_prompt"]):
-        assert row["freq/hair"] == ours["freq/hair"] and row["freq/skin"] == ours["freq/skin"]
+    assert_same_classes_as_the_script(adapted, evaluation)
 
 
 def test_resume_continues_exactly(tmp_path, eval_prompts, monkeypatch):

@@ -33,6 +33,9 @@ def main(output: str) -> None:
         with open(output, "w", encoding="utf-8") as f:
             json.dump(result, f)
     accelerator.wait_for_everyone()
+    # Tear the process group down before exiting: a gloo group left to the interpreter's exit can abort a process
+    # ("terminate called without an active exception", seen once in CI), as the training example's end_training does.
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

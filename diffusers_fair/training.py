@@ -308,7 +308,13 @@ def frozen_unconditional_embeds(pipeline, batch_size: int = 1) -> torch.Tensor:
     The empty prompt's embedding from the base text encoder (adaptors disabled), `(batch_size, L, D)`: pass it as
     `negative_prompt_embeds` (one row per prompt; the pipeline repeats it per image) so that classifier-free guidance's
     unconditional branch stays the base model's while the prompts go through the adapted encoder.
+
+    Args:
+        pipeline: A Stable Diffusion pipeline with (or without) fair adaptors on its text encoder.
+        batch_size (`int`, *optional*, defaults to 1): Rows, one per prompt of the pipeline call.
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer (one row per prompt), got {batch_size!r}.")
     with torch.no_grad(), adapters_disabled(pipeline.text_encoder):
         embeds = pipeline.encode_prompt("", pipeline._execution_device, 1, False)[0]
     return embeds.repeat(batch_size, 1, 1)

@@ -12,6 +12,7 @@ from diffusers_fair.training import (
     FairFinetuningObjective,
     add_fair_adapters,
     evaluate_adapters,
+    frozen_unconditional_embeds,
 )
 
 KWARGS = {"num_inference_steps": 3, "guidance_scale": 2.0, "output_type": "pt"}
@@ -137,6 +138,8 @@ def test_errors():
     add_fair_adapters(pipe, "prompt_prefix", num_prefix_tokens=2)
     with pytest.raises(ValueError, match="prefix_token"):
         add_fair_adapters(pipe, "prompt_prefix", num_prefix_tokens=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        frozen_unconditional_embeds(pipe, 0)
 
 
 def test_objective_face_centric_mode_classifies_the_largest_face_and_excludes_faceless_images():

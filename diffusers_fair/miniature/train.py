@@ -191,6 +191,15 @@ def draw_captions(
     Drawing captions anew each time an image is drawn (rather than fixing one caption per image) shows every attribute
     word with every image of its class over training, so words steer the model even for rare attribute-occupation
     combinations ("a long-haired guard").
+
+    Args:
+        data ([`~diffusers_fair.miniature.world.MiniatureDataset`]): The training set (its labels and occupations).
+        index (`torch.LongTensor` of shape `(B,)`): The drawn images' rows in `data`.
+        attribute_word_probability (`float` in `[0, 1]`): Fraction of captions naming an attribute.
+        generator (`torch.Generator`): CPU generator of the draws (templates, then word or not, then which attribute).
+
+    Returns:
+        `torch.LongTensor` of shape `(B,)`: indices into `CAPTIONS`.
     """
     templates = torch.randint(len(TEMPLATES), (len(index),), generator=generator)
     named = torch.rand(len(index), generator=generator) < attribute_word_probability

@@ -13,7 +13,7 @@ from peft.utils import get_peft_model_state_dict
 
 from diffusers_fair.audit import core, parse_args, run_audit
 from diffusers_fair.metrics import bias_score, classify_images, clip_text_similarity, image_similarity
-from diffusers_fair.miniature import load_classifier, load_clip, load_pipeline
+from diffusers_fair.miniature import load_classifier, load_clip, load_dino, load_pipeline, sample_dataset
 
 torch.set_num_threads(1)
 
@@ -169,6 +169,14 @@ def test_refuses_to_mix_results_of_other_arguments(finished_audit):
     with pytest.raises(ValueError, match="prompts: "):
         run_audit(parse_args([*FAST, "--clip", "miniature", "--max-prompts", "3", "--output", output]))
     assert sorted(os.listdir(output)) == listing and _records(output) == before
+
+
+def test_dino_miniature_is_the_shipped_encoder_at_its_own_resolution():
+    images = sample_dataset(images_per_occupation=1, seed=5).images[:4]
+    encoder = core.load_dino("miniature", "cpu")
+    assert (encoder.crop_size, encoder.resize_size) == (32, 32)  # not DINOv2's 224 crop of an upscaled image
+    with torch.no_grad():
+        assert torch.equal(encoder(images), load_dino()(images))
 
 
 def test_lora_and_base_share_noise_and_clip_i_and_dino_are_against_the_base(miniature_lora, tmp_path):

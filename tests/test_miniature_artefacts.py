@@ -12,6 +12,7 @@ from diffusers_fair.miniature import (
     WEIGHTS_DIR,
     load_classifier,
     load_clip,
+    load_dino,
     load_pipeline,
     sample_dataset,
 )
@@ -21,7 +22,10 @@ torch.set_num_threads(1)
 
 # The issue's target (0.95 over all occupations); the shipped model measures 0.999 (see the miniature README).
 CONTEXT_REGRESSION_THRESHOLD = 0.95
-ARTEFACTS = ["pipeline", "classifier-train", "classifier-eval", "classifier-context", "clip"]
+# Of two fresh renders per occupation, how often the nearest other render by DINO features is the same occupation's:
+# the shipped encoder measures 0.35 (raw pixels 0.36, chance 0.01, a collapsed encoder 0.01).
+DINO_SAME_OCCUPATION_THRESHOLD = 0.25
+ARTEFACTS = ["pipeline", "classifier-train", "classifier-eval", "classifier-context", "clip", "dino"]
 
 
 @pytest.fixture(autouse=True)
@@ -118,3 +122,40 @@ def test_clip_matches_images_to_their_occupation(fresh):
     )
     top1 = (similarity.argmax(dim=1) == torch.arange(len(names))).float().mean()
     assert top1 >= 0.5, f"CLIP top-1 image->occupation text accuracy {top1:.2f} over {len(names)} occupations"
+
+
+def test_text_encoder_holds_occupation_biases_linearly():
+    # The fairness adaptor can only generalise to held-out occupations if their biases are readable from the text
+    # encoder's output the same way as the training occupations' (as real CLIP's gender associations are). A ridge
+    # readout of the pipeline text encoder's pooled output, fitted on the training occupations, must predict the
+    # held-out ones' frequencies. (Before the caption-attribute head, this gave r = 0.15 for `hair`.)
+    pipe = load_pipeline()
+    ids = pipe.tokenizer(
+        [o.prompt(0) for o in OCCUPATIONS], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        features = pipe.text_encoder(ids).pooler_output.double()
+    train = torch.tensor([not o.heldout for o in OCCUPATIONS])
+    for attribute in ("hair", "age"):
+        y = torch.tensor([o.distributions[attribute][-1] for o in OCCUPATIONS], dtype=torch.float64)
+        mean, y_mean = features[train].mean(0), y[train].mean()
+        x = features[train] - mean
+        w = torch.linalg.solve(x.T @ x + torch.eye(x.shape[1], dtype=torch.float64), x.T @ (y[train] - y_mean))
+        predicted = (features[~train] - mean) @ w + y_mean
+        r = torch.corrcoef(torch.stack([predicted, y[~train]]))[0, 1]
+        assert r >= 0.9, f"held-out {attribute} frequencies vs a linear readout of the text encoder: r = {r:.2f}"
+
+
+def test_dino_features_tell_occupations_apart_and_are_differentiable(fresh):
+    dino = load_dino()
+    images = fresh.images.clone().requires_grad_(True)
+    features = dino(images)
+    assert features.shape == (len(images), dino.model.config.hidden_size)
+    features.square().sum().backward()
+    assert images.grad.abs().sum() > 0
+    # Two fresh renders per occupation: the nearest other render (cosine of features) is mostly the same occupation's.
+    normalized = torch.nn.functional.normalize(features.detach(), dim=-1)
+    similarity = normalized @ normalized.T
+    similarity.fill_diagonal_(-2.0)
+    same = (fresh.occupations[similarity.argmax(dim=1)] == fresh.occupations).float().mean()
+    assert same >= DINO_SAME_OCCUPATION_THRESHOLD, f"nearest render of the same occupation for {same:.2f} of renders"

@@ -22,7 +22,7 @@ from diffusers_fair.miniature.world import ATTRIBUTE_WORDS, TEMPLATES
 
 torch.set_num_threads(1)
 
-ARTEFACTS = ["pipeline", "classifier-train", "classifier-eval", "classifier-context", "clip"]
+ARTEFACTS = ["pipeline", "classifier-train", "classifier-eval", "classifier-context", "clip", "dino"]
 
 
 def test_parse_args_budgets_and_errors():
@@ -34,6 +34,8 @@ def test_parse_args_budgets_and_errors():
         parse_args(["--output_dir", "x", "--snr_gamma", "-1"])
     with pytest.raises(ValueError, match="--attribute_word_probability"):
         parse_args(["--output_dir", "x", "--attribute_word_probability", "1.5"])
+    with pytest.raises(ValueError, match="--clip_caption_attribute_weight"):
+        parse_args(["--output_dir", "x", "--clip_caption_attribute_weight", "-0.5"])
 
 
 def test_draw_captions_name_true_attributes_at_the_given_rate():

@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--clip", default=None, help="CLIP model for CLIP-T/CLIP-I ('miniature' for the miniature one)."
     )
-    parser.add_argument("--dino", default=None, help="DINOv2 model folder or Hub id for DINO similarity.")
+    parser.add_argument(
+        "--dino",
+        default=None,
+        help="DINOv2 model folder or Hub id for DINO similarity ('miniature' for the miniature one).",
+    )
     parser.add_argument(
         "--face-detector",
         default=None,
@@ -277,7 +281,11 @@ def load_clip(name: str, device: str):
 
 
 def load_dino(name: str, device: str):
-    """`--dino`: a DINOv2 (or any vision `AutoModel` with a `pooler_output`) folder / Hub id."""
+    """`--dino`: `"miniature"`, or a DINOv2 (or any vision `AutoModel` with a `pooler_output`) folder / Hub id."""
+    if name == "miniature":
+        from ..miniature import load_dino as load_miniature_dino
+
+        return load_miniature_dino().to(device)
     from transformers import AutoModel
 
     try:

@@ -10,6 +10,7 @@ from .loading import (
     WEIGHTS_DIR,
     load_classifier,
     load_clip,
+    load_dino,
     load_pipeline,
 )
 from .models import MiniatureClassifier
@@ -48,6 +49,7 @@ __all__ = [
     "get_occupation",
     "load_classifier",
     "load_clip",
+    "load_dino",
     "load_pipeline",
     "render",
     "sample_dataset",

@@ -84,3 +84,27 @@ def load_clip(weights_dir: str | os.PathLike | None = None):
 
     folder = _weights_dir(weights_dir) / "clip"
     return CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+
+
+def load_dino(weights_dir: str | os.PathLike | None = None):
+    r"""
+    Loads the miniature world's second image encoder, a `Dinov2Model` trained by DINO self-distillation.
+
+    Args:
+        weights_dir (`str` or `os.PathLike`, *optional*): as in `load_pipeline`.
+
+    Returns:
+        [`~diffusers_fair.semantics.ImageFeatureExtractor`] in eval mode: images `(B, 3, H, W)` in `[0, 1]` ->
+        features `(B, 64)` (the layer-normed CLS token), resized to 32x32 and normalised with ImageNet's mean and std
+        differentiably. Pass it wherever a DINOv2 model is accepted (`ImageSemanticsLoss`, `image_similarity`); the
+        bare model is its `.model`.
+    """
+    from transformers import Dinov2Model
+
+    from ..semantics import IMAGENET_MEAN, IMAGENET_STD, ImageFeatureExtractor
+
+    folder = _weights_dir(weights_dir) / "dino"
+    model = Dinov2Model.from_pretrained(folder).eval()
+    return ImageFeatureExtractor(
+        model, crop_size=RESOLUTION, resize_size=RESOLUTION, mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )

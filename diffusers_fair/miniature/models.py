@@ -3,7 +3,7 @@
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
 
 from ..classifiers.base import AttributeClassifier
 from .world import IMAGE_SIZE
@@ -132,3 +132,11 @@ def make_clip(vocab_size: int, bos_token_id: int, eos_token_id: int) -> CLIPMode
         text_config=_text_config(vocab_size, bos_token_id, eos_token_id), vision_config=vision, projection_dim=64
     )
     return CLIPModel(config)
+
+
+def make_dino() -> Dinov2Model:
+    """The miniature `Dinov2Model`: 2 layers, width 64, 4 heads, MLP ratio 2, patch 4 on 32x32 images (64 patches)."""
+    config = Dinov2Config(
+        image_size=IMAGE_SIZE, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2
+    )
+    return Dinov2Model(config)

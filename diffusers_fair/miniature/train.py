@@ -47,16 +47,21 @@ from diffusers import (
 )
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
-from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    BitImageProcessor,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
 
-from .models import MiniatureClassifier, make_clip, make_unet, make_vae
+from ..semantics import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from .models import MiniatureClassifier, make_clip, make_dino, make_unet, make_vae
 from .tokenizer import build_tokenizer
 from .world import ATTRIBUTE_WORDS, ATTRIBUTES, OCCUPATION_NAMES, TEMPLATES, attribute_caption, sample_dataset
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-COMPANIONS = ["classifier-train", "classifier-eval", "classifier-context", "clip"]
+COMPANIONS = ["classifier-train", "classifier-eval", "classifier-context", "clip", "dino"]
 # name: (full budget, --quick budget)
 BUDGETS = {
     "images_per_occupation": (120, 4),
@@ -64,6 +69,7 @@ BUDGETS = {
     "unet_steps": (5000, 5),
     "classifier_steps": (600, 5),
     "clip_steps": (600, 5),
+    "dino_steps": (600, 5),
 }
 
 
@@ -93,6 +99,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Fraction of training captions that name one true attribute of the person ('a long-haired nurse').",
     )
     parser.add_argument(
+        "--clip_caption_attribute_weight",
+        type=float,
+        default=1.0,
+        help="Weight of CLIP's second text loss: a linear head on the pooled text output predicts the attributes "
+        "of the caption's image from the caption alone (the head is not shipped); 0 turns it off.",
+    )
+    parser.add_argument(
         "--snr_gamma",
         type=float,
         default=5.0,
@@ -118,6 +131,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     if not 0 <= args.attribute_word_probability <= 1:
         raise ValueError(f"`--attribute_word_probability` must be in [0, 1], got {args.attribute_word_probability}.")
+    if args.clip_caption_attribute_weight < 0:
+        raise ValueError(
+            f"`--clip_caption_attribute_weight` must be >= 0 (0: off), got {args.clip_caption_attribute_weight}."
+        )
     if args.snr_gamma < 0:
         raise ValueError(f"`--snr_gamma` must be >= 0 (0: no weighting), got {args.snr_gamma}.")
     if args.init_pipeline is not None and not os.path.isfile(os.path.join(args.init_pipeline, "model_index.json")):
@@ -434,7 +451,14 @@ def train_clip(args, data, tokenizer: CLIPTokenizer, out_dir: str) -> dict:
     ids = _token_ids(tokenizer, captions)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     model = make_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    # Real text encoders learn which attributes words go with from web-scale text, so an occupation's gender
+    # association lies along the same linear direction as the word "woman". A few hundred contrastive steps on this
+    # world do not teach that. The head below does: it predicts the image's attributes from the caption alone. For
+    # "a nurse" the best answer is the nurse's frequencies; for "a long-haired nurse", "long". So both the word and
+    # the occupation's prior move the pooled text state along one shared direction per attribute.
+    head = torch.nn.Linear(model.config.text_config.hidden_size, sum(len(c) for c in ATTRIBUTES.values()))
+    splits = [len(c) for c in ATTRIBUTES.values()]
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-3, weight_decay=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(50, args.clip_steps))
     generator = torch.Generator().manual_seed(args.seed + 6)
     batches = _batches(generator, len(ids), 128)
@@ -442,12 +466,17 @@ def train_clip(args, data, tokenizer: CLIPTokenizer, out_dir: str) -> dict:
     for _ in progress:
         index = next(batches)
         pixel_values = (_augment(data.images[index], generator, 0.5) - mean) / std
-        loss = model(input_ids=ids[index], pixel_values=pixel_values, return_loss=True).loss
+        output = model(input_ids=ids[index], pixel_values=pixel_values, return_loss=True)
+        attribute_logits = head(output.text_model_output.pooler_output).split(splits, dim=-1)
+        attribute_loss = sum(
+            F.cross_entropy(logits, data.labels[name][index]) for logits, name in zip(attribute_logits, ATTRIBUTES)
+        )
+        loss = output.loss + args.clip_caption_attribute_weight * attribute_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         scheduler.step()
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        progress.set_postfix(loss=f"{output.loss.item():.4f}", attributes=f"{attribute_loss.item():.4f}")
     model.eval()
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 32},
@@ -457,12 +486,22 @@ def train_clip(args, data, tokenizer: CLIPTokenizer, out_dir: str) -> dict:
         do_convert_rgb=True,
     )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    metrics = {"clip_steps": args.clip_steps, "final_contrastive_loss": round(loss.item(), 4)}
+    metrics = {
+        "clip_steps": args.clip_steps,
+        "final_contrastive_loss": round(output.loss.item(), 4),
+        "final_caption_attribute_loss": round(attribute_loss.item(), 4),
+        "caption_attribute_weight": args.clip_caption_attribute_weight,
+    }
     body = """
 A tiny transformers `CLIPModel` (2-layer 64-wide text tower over the miniature vocabulary, 2-layer 64-wide ViT with
 4x4 patches on 32x32 images, 64-d projections) trained contrastively on the miniature world's images and captions
-(half of them naming a true attribute). It lets CLIP-T / CLIP-I and the image semantics loss run through the same
-code as real CLIP. Normalise images with CLIP's mean and std (the saved `CLIPProcessor` does).
+(half of them naming a true attribute). A second loss (weight `clip_caption_attribute_weight`) trains a linear head,
+not shipped, to predict the image's attributes from the pooled text output of its caption alone. It stands in for the
+text statistics that put occupations' gender associations along a linear direction of real text encoders: here each
+occupation's attribute frequencies become linearly readable from its prompt's pooled output, held-out occupations
+included. Its text tower is the miniature pipeline's frozen text encoder. It lets CLIP-T / CLIP-I and the image
+semantics loss run through the same code as real CLIP. Normalise images with CLIP's mean and std (the saved
+`CLIPProcessor` does).
 """
 
     def write(folder: str) -> None:
@@ -547,6 +586,146 @@ classes. Trained on the miniature world's renders and their VAE round-trips. Loa
     return summary, timings
 
 
+def _random_crops(images: torch.Tensor, generator: torch.Generator, min_scale: float = 0.6) -> torch.Tensor:
+    """DINO's global views: a random square crop of `min_scale`-1 of the side, resized back, flipped half the time."""
+    batch = len(images)
+    scale = min_scale + (1 - min_scale) * torch.rand(batch, generator=generator)
+    shift = (torch.rand(batch, 2, generator=generator) * 2 - 1) * (1 - scale).unsqueeze(1)
+    flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = scale * flip, scale, shift
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _nearest_neighbour_accuracy(bank: torch.Tensor, bank_labels, queries: torch.Tensor, query_labels) -> dict:
+    """1-nearest-neighbour (cosine) accuracy of `queries` against `bank`, per label name."""
+    similarity = F.normalize(queries, dim=-1) @ F.normalize(bank, dim=-1).T
+    nearest = similarity.argmax(dim=1)
+    return {
+        name: round((bank_labels[name][nearest] == query_labels[name]).float().mean().item(), 4)
+        for name in bank_labels
+    }
+
+
+def train_dino(args, data, out_dir: str) -> dict:
+    r"""
+    Trains the miniature `Dinov2Model` by DINO self-distillation (Caron et al., 2021; the objective DINOv2 builds on)
+    on the training renders: a student sees one random crop, an EMA teacher another, and the student's prototype
+    distribution matches the teacher's centred and sharpened one. No labels or captions are used.
+    """
+    torch.manual_seed(args.seed + 7)
+    generator = torch.Generator().manual_seed(args.seed + 7)
+    num_prototypes, student_temperature, teacher_temperature, center_momentum = 256, 0.1, 0.04, 0.9
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def make_head() -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64), torch.nn.LayerNorm(64),
+            torch.nn.Linear(64, num_prototypes),
+        )  # fmt: skip
+
+    student, student_head = make_dino(), make_head()
+    fresh = sample_dataset(images_per_occupation=4, seed=args.seed + 1000)
+    labels = {**data.labels, "occupation": data.occupations}
+    fresh_labels = {**fresh.labels, "occupation": fresh.occupations}
+
+    def accuracy(model) -> dict:
+        model.eval()
+        with torch.no_grad():
+            bank, queries = (
+                torch.cat([model(pixel_values=(c - mean) / std).pooler_output for c in images.split(512)])
+                for images in (data.images, fresh.images)
+            )
+        model.train()
+        return _nearest_neighbour_accuracy(bank, labels, queries, fresh_labels)
+
+    untrained = accuracy(student)  # the baseline: what the architecture gives before any training
+    teacher, teacher_head = make_dino(), make_head()
+    teacher.load_state_dict(student.state_dict())
+    teacher_head.load_state_dict(student_head.state_dict())
+    teacher.requires_grad_(False)
+    teacher_head.requires_grad_(False)
+    parameters = [*student.parameters(), *student_head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.04)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(50, args.dino_steps))
+    center = torch.zeros(num_prototypes)
+    batches = _batches(generator, len(data.images), 128)
+    progress = tqdm(range(args.dino_steps), desc="dino")
+    for step in progress:
+        images = data.images[next(batches)]
+        views = [(_augment(_random_crops(images, generator), generator, 0.5) - mean) / std for _ in range(2)]
+        student_logits = [student_head(student(pixel_values=v).pooler_output) / student_temperature for v in views]
+        with torch.no_grad():
+            teacher_logits = [teacher_head(teacher(pixel_values=v).pooler_output) for v in views]
+            targets = [F.softmax((t - center) / teacher_temperature, dim=-1) for t in teacher_logits]
+        # Each view's student output matches the other view's teacher output.
+        loss = sum(
+            -(targets[1 - i] * F.log_softmax(student_logits[i], dim=-1)).sum(-1).mean() for i in range(2)
+        ) / 2  # fmt: skip
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 3.0)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            momentum = 1 - (1 - 0.99) * (math.cos(math.pi * step / args.dino_steps) + 1) / 2
+            for teacher_module, student_module in ((teacher, student), (teacher_head, student_head)):
+                for t, s in zip(teacher_module.parameters(), student_module.parameters()):
+                    t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+            center = center * center_momentum + torch.cat(teacher_logits).mean(0) * (1 - center_momentum)
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    # The teacher is the model DINO keeps.
+    trained = accuracy(teacher)
+    teacher.eval()
+    metrics = {
+        "dino_steps": args.dino_steps,
+        "final_dino_loss": round(loss.item(), 4),
+        **{f"nearest_neighbour_accuracy_{name}": value for name, value in trained.items()},
+        **{f"nearest_neighbour_accuracy_{name}_untrained": value for name, value in untrained.items()},
+    }
+    image_processor = BitImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": 32},
+        do_center_crop=True,
+        crop_size={"height": 32, "width": 32},
+        do_normalize=True,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        do_convert_rgb=True,
+    )
+    body = """
+A tiny transformers `Dinov2Model` (2 layers, width 64, 4 heads, MLP ratio 2, 4x4 patches on 32x32 images), the
+miniature world's second image encoder: CLIP's image tower learnt what captions name, this one learnt what images
+share under crops, flips, blur and noise. It was trained by DINO self-distillation on the training renders (no labels
+or captions): a student and its EMA teacher see two random crops of an image, and the student's distribution over
+256 prototypes matches the teacher's centred and sharpened one; the teacher is saved. Its `pooler_output` (the
+layer-normed CLS token) is the image feature of DINO similarity and of the image semantics loss. Give it 32x32
+images normalised with ImageNet's mean and std (the saved image processor does; `load_dino()` wraps it in a
+`diffusers_fair.semantics.ImageFeatureExtractor` that does so differentiably). Accuracies below: each fresh render's
+nearest training render by cosine of features has the same label; `_untrained` is the same network before training
+(its random initialisation), the baseline training must beat.
+"""
+
+    def write(folder: str) -> None:
+        teacher.save_pretrained(folder, safe_serialization=True)
+        image_processor.save_pretrained(folder)
+        _write_card(folder, "Miniature DINO (diffusers-fair)", body, args, metrics)
+
+    _save_atomically(out_dir, write)
+    return metrics
+
+
+def _dino_stage(args, data) -> tuple[dict, dict]:
+    """Trains the Dinov2-architecture encoder unless it is in `args.output_dir`; returns its metrics and timing."""
+    dino_dir = os.path.join(args.output_dir, "dino")
+    if os.path.isdir(dino_dir):
+        return {}, {}
+    t = time.time()
+    metrics = train_dino(args, data, dino_dir)
+    return {"dino": metrics}, {"dino_s": round(time.time() - t, 1)}
+
+
 def _clip_stage(args, data, tokenizer_dir: str) -> tuple[dict, dict]:
     """Trains CLIP unless it is in `args.output_dir`; returns its metrics and timing."""
     clip_dir = os.path.join(args.output_dir, "clip")
@@ -619,8 +798,9 @@ def main(input_args: list[str] | None = None) -> dict:
                 vae_metrics = json.load(f)
         summary.update(vae_metrics)
         _merge(clip_stage(), summary, timings)
-        # 2. classifiers | text encoder (frozen CLIP text tower) + U-Net
+        # 2. classifiers, then DINO | text encoder (frozen CLIP text tower) + U-Net
         classifiers_stage = _start(executor, _classifiers_stage, args, data, vae_dir)
+        dino_stage = _start(executor, _dino_stage, args, data)
         if not os.path.isdir(pipeline_dir):
             t = time.time()
             if args.init_pipeline is None:
@@ -630,6 +810,7 @@ def main(input_args: list[str] | None = None) -> dict:
             summary.update(train_pipeline(args, data, vae, tokenizer, text_encoder, pipeline_dir, vae_metrics))
             timings["text_encoder_unet_s"] = round(time.time() - t, 1)
         _merge(classifiers_stage(), summary, timings)
+        _merge(dino_stage(), summary, timings)
     finally:
         if executor is not None:
             executor.shutdown()

@@ -4,7 +4,7 @@
 """
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -353,6 +353,7 @@ def evaluate_adapters(
     batch_size: int = 16,
     seed: int = 0,
     frozen_unconditional: bool = False,
+    similarity_encoders: Mapping[str, nn.Module] | None = None,
     **generation_kwargs,
 ) -> dict:
     r"""
@@ -362,7 +363,9 @@ def evaluate_adapters(
     Images are drawn with [`~diffusers_fair.metrics.generate_images`] (per-image seeds), scored with
     [`~diffusers_fair.metrics.score_images`]. With a `context_classifier` and `enabled=True`, the base model's images
     from the same noise are generated too and `context_kept` is the fraction of images whose predicted context class
-    (e.g. the occupation) equals the original image's.
+    (e.g. the occupation) equals the original image's. With `similarity_encoders`, `{name}_similarity` is the mean
+    cosine similarity of each image's features to its original's ([`~diffusers_fair.metrics.image_similarity`]: CLIP-I,
+    DINO).
 
     Args:
         adapters ([`FairAdapters`]): The adaptors and their pipeline.
@@ -373,12 +376,15 @@ def evaluate_adapters(
         enabled (`bool`, *optional*, defaults to `True`): Evaluate the adapted model (`False`: the base model).
         batch_size (`int`, *optional*, defaults to 16), seed (`int`, *optional*, defaults to 0): Generation.
         frozen_unconditional (`bool`, *optional*, defaults to `False`): See [`AdaptedPipeline`].
+        similarity_encoders (`dict[str, nn.Module]`, *optional*):
+            Name -> `CLIPModel`, `Dinov2Model` or [`~diffusers_fair.semantics.ImageFeatureExtractor`] (with
+            `enabled=True` only).
         generation_kwargs: `num_inference_steps`, `guidance_scale`, `height`, `width`, ... for the pipeline.
 
     Returns:
         `dict` (JSON-serialisable): `"per_prompt"` rows and `"summary"` metric -> `[mean, sd]` over prompts.
     """
-    from .metrics import generate_images, mean_std, score_images
+    from .metrics import generate_images, image_similarity, mean_std, score_images
 
     view = AdaptedPipeline(adapters, enabled, frozen_unconditional)
     rows = []
@@ -386,12 +392,16 @@ def evaluate_adapters(
     for prompt in prompts:
         images = generate_images(view, [prompt], num_images_per_prompt, **kwargs)
         row = score_images(images, classifier).per_prompt[0]
-        if context_classifier is not None and enabled:
+        if enabled and (context_classifier is not None or similarity_encoders):
             originals = generate_images(AdaptedPipeline(adapters, False), [prompt], num_images_per_prompt, **kwargs)
-            (name,) = context_classifier.attributes
-            predicted = context_classifier(images[prompt])[name].argmax(-1)
-            original = context_classifier(originals[prompt])[name].argmax(-1)
-            row["context_kept"] = float((predicted == original).float().mean())
+            if context_classifier is not None:
+                (name,) = context_classifier.attributes
+                predicted = context_classifier(images[prompt])[name].argmax(-1)
+                original = context_classifier(originals[prompt])[name].argmax(-1)
+                row["context_kept"] = float((predicted == original).float().mean())
+            for name, encoder in (similarity_encoders or {}).items():
+                similarity = image_similarity(images[prompt], originals[prompt], encoder, batch_size)
+                row[f"{name}_similarity"] = float(similarity.mean())
         rows.append(row)
     metrics = [k for k, v in rows[0].items() if isinstance(v, float)] if rows else []
     summary = {k: list(mean_std([row[k] for row in rows])) for k in metrics}

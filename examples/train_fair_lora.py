@@ -31,7 +31,7 @@ from diffusers_fair import (
     TargetDistribution,
 )
 from diffusers_fair.audit.core import load_classifier as load_any_classifier
-from diffusers_fair.audit.core import load_clip, looks_like_path
+from diffusers_fair.audit.core import load_clip, load_dino, looks_like_path
 from diffusers_fair.faces import load_detector
 from diffusers_fair.model_card import make_model_card
 from diffusers_fair.prompts import load_prompts
@@ -141,7 +141,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add("--lambda_face", type=float, default=0.0, help="Face-realism loss weight (library API only, see --help).")
     add("--face_detector", default=None, help="Face-centric mode: a detector of diffusers_fair.faces.load_detector.")
     add("--face_crop_size", type=int, default=224, help="Side of the face crops the classifier sees.")
-    add("--semantics_encoders", nargs="*", default=None, help="CLIP / DINOv2 ids or folders; none disables it.")
+    add(
+        "--semantics_encoders",
+        nargs="*",
+        default=None,
+        help="CLIP / DINOv2 ids or folders ('miniature': its CLIP and DINO; 'miniature-clip', 'miniature-dino'); "
+        "none disables it.",
+    )
     add("--images_per_prompt", type=int, default=None, help="N, the DAL's batch, per process.")
     add("--eval_images_per_prompt", type=int, default=None)
     add(
@@ -232,7 +238,9 @@ def load_semantics(args):
     for name in args.semantics_encoders:
         if name in ("miniature", "miniature-clip"):
             encoders["clip"] = load_clip("miniature", "cpu")[0]
-        else:
+        if name in ("miniature", "miniature-dino"):
+            encoders["dino"] = load_dino("miniature", "cpu")
+        if not name.startswith("miniature"):
             from transformers import AutoModel
 
             encoders[os.path.basename(name.rstrip("/"))] = AutoModel.from_pretrained(name)
@@ -266,10 +274,11 @@ def main(input_args: list[str] | None = None) -> dict:
             f"The target aligns {missing}, which `--classifier` {args.classifier!r} does not predict "
             f"(it has {sorted(classifier.attributes)})."
         )
+    semantics = load_semantics(args)
     objective = FairFinetuningObjective(
         classifier,
         DistributionalAlignmentLoss(target, args.confidence_threshold, classifier.attributes, seed=args.seed),
-        load_semantics(args),
+        semantics,
         args.lambda_img_agree,
         args.lambda_img_nonface,
         args.lambda_img_face,
@@ -281,6 +290,8 @@ def main(input_args: list[str] | None = None) -> dict:
         classifier if eval_name == args.classifier else load_classifier(eval_name, args).to(device).eval()
     )
     context_classifier = load_classifier(args.context_classifier, args).to(device) if args.context_classifier else None
+    # The semantics loss's encoders also measure how similar each adapted image stays to its original (CLIP-I, DINO).
+    similarity = dict(objective.semantics_loss.encoders) if semantics is not None else None
     train_prompts, eval_prompts = load_prompts(args.train_prompts), load_prompts(args.eval_prompts)
 
     set_seed(args.seed)  # the adaptor's initialisation
@@ -404,13 +415,13 @@ def main(input_args: list[str] | None = None) -> dict:
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             save_checkpoint(accelerator, args, global_step)
         if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            metrics = evaluate(adapters, eval_prompts, eval_classifier, context_classifier, args)
+            metrics = evaluate(adapters, eval_prompts, eval_classifier, context_classifier, args, True, similarity)
             accelerator.log({f"eval/{k}": v[0] for k, v in metrics["summary"].items()}, step=global_step)
             if accelerator.is_main_process:
                 write_validation_grid(adapters, eval_prompts, eval_classifier, args, global_step)
 
     # 5. Final evaluation, adaptor, model card, Hub
-    evaluation["after"] = evaluate(adapters, eval_prompts, eval_classifier, context_classifier, args)
+    evaluation["after"] = evaluate(adapters, eval_prompts, eval_classifier, context_classifier, args, True, similarity)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         weight_name = adapters.save_pretrained(args.output_dir)
@@ -429,7 +440,7 @@ def main(input_args: list[str] | None = None) -> dict:
     return evaluation
 
 
-def evaluate(adapters, prompts, classifier, context_classifier, args, enabled: bool = True) -> dict:
+def evaluate(adapters, prompts, classifier, context_classifier, args, enabled=True, similarity_encoders=None) -> dict:
     return evaluate_adapters(
         adapters,
         prompts,
@@ -438,6 +449,7 @@ def evaluate(adapters, prompts, classifier, context_classifier, args, enabled: b
         context_classifier,
         enabled,
         seed=args.seed,
+        similarity_encoders=similarity_encoders,
         frozen_unconditional=args.frozen_unconditional,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,

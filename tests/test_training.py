@@ -6,6 +6,8 @@ from diffusers import StableDiffusionPipeline
 from tiny_models import BrightnessClassifier, tiny_clip_model, tiny_pipeline
 
 from diffusers_fair import DistributionalAlignmentLoss, ImageSemanticsLoss
+from diffusers_fair.metrics import generate_images
+from diffusers_fair.semantics import ImageFeatureExtractor
 from diffusers_fair.training import (
     FINETUNE_MODES,
     AdaptedPipeline,
@@ -112,6 +114,33 @@ def test_evaluate_adapters_base_and_adapted_views():
     pipe.disable_lora()
     plain = pipe("a doctor", generator=torch.Generator().manual_seed(0), **KWARGS)
     assert torch.equal(base.images, plain.images)
+
+
+class Pixels(ImageFeatureExtractor):
+    """A stand-in encoder: an image's pixels, centred."""
+
+    def __init__(self):
+        super().__init__(torch.nn.Identity(), crop_size=8)
+
+    def forward(self, images):
+        return images.flatten(1) - 0.5
+
+
+def test_evaluate_adapters_measures_similarity_to_the_originals():
+    pipe, adapters = perturbed_adapters("text_encoder_lora")
+    classifier, encoders = BrightnessClassifier(), {"pixels": Pixels()}
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 2.0, "batch_size": 4, "seed": 3}
+    adapted = evaluate_adapters(adapters, ["a doctor"], classifier, 4, similarity_encoders=encoders, **kwargs)
+    images = generate_images(AdaptedPipeline(adapters), "a doctor", 4, progress_bar=False, **kwargs)["a doctor"]
+    originals = generate_images(AdaptedPipeline(adapters, False), "a doctor", 4, progress_bar=False, **kwargs)
+    expected = torch.nn.functional.cosine_similarity(images.flatten(1) - 0.5, originals["a doctor"].flatten(1) - 0.5)
+    assert adapted["per_prompt"][0]["pixels_similarity"] == pytest.approx(expected.mean().item(), abs=1e-6)
+    assert adapted["per_prompt"][0]["pixels_similarity"] < 1 - 1e-6  # the perturbed adaptor changes the images
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.zero_()
+    unchanged = evaluate_adapters(adapters, ["a doctor"], classifier, 4, similarity_encoders=encoders, **kwargs)
+    assert unchanged["summary"]["pixels_similarity"][0] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_frozen_unconditional_view_guides_with_the_base_empty_prompt():

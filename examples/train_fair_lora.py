@@ -5,7 +5,7 @@
     python examples/train_fair_lora.py --config my_run.yaml
 
 With `--pretrained_model_name_or_path miniature` every other flag defaults to the miniature world shipped with the
-package (its classifiers, CLIP, a uniform `hair` target, its train / held-out occupations) and a demo budget.
+package (its classifiers, CLIP and DINO, a uniform `hair` target, its train / held-out occupations) and a demo budget.
 """
 
 import argparse
@@ -58,10 +58,11 @@ MINIATURE_DEFAULTS = {  # the demo: about 10 minutes on 2 CPU cores
     "resolution": 32,
     "guidance_scale": 3.0,
     "num_inference_steps": 8,
+    "train_batch_size": 4,  # four prompts per step: their opposite corrections share each update
     "images_per_prompt": 12,
     "eval_images_per_prompt": 32,
-    "max_train_steps": 80,
-    "learning_rate": 1e-3,
+    "max_train_steps": 40,
+    "learning_rate": 2e-3,
     "rank": 8,
     "confidence_threshold": 0.6,
     "lambda_img_agree": 8.0,
@@ -73,6 +74,7 @@ GENERIC_DEFAULTS = {
     "resolution": 512,
     "guidance_scale": 7.5,
     "num_inference_steps": 20,
+    "train_batch_size": 1,
     "images_per_prompt": 24,
     "eval_images_per_prompt": 60,
     "max_train_steps": 10000,
@@ -96,7 +98,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add("--output_dir", default="fair-lora")
     add("--seed", type=int, default=0)
     add("--resolution", type=int, default=None, help="Image side in pixels.")
-    add("--train_batch_size", type=int, default=1, help="Prompts per step and process.")
+    add("--train_batch_size", type=int, default=None, help="Prompts per step and process (1; miniature: 4).")
     add("--max_train_steps", type=int, default=None)
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--gradient_checkpointing", action="store_true")
@@ -175,7 +177,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
     if args.validation_steps is None:
         args.validation_steps = args.max_train_steps
-    for name in ("validation_steps", "num_validation_images", "checkpointing_steps"):
+    for name in ("validation_steps", "num_validation_images", "checkpointing_steps", "train_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be positive, got {getattr(args, name)}.")
     if args.classifier is None:

@@ -32,7 +32,7 @@ def tiny_run(output_dir, eval_prompts, *extra):
     return [
         "--output_dir", str(output_dir), "--eval_prompts", eval_prompts, "--images_per_prompt", "4",
         "--num_inference_steps", "3", "--eval_images_per_prompt", "2", "--max_train_steps", "2", "--rank", "2",
-        "--num_validation_images", "2", *extra,
+        "--num_validation_images", "2", "--train_batch_size", "1", *extra,
     ]  # fmt: skip
 
 
@@ -164,6 +164,7 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
         (["--max_train_steps", "0"], "max_train_steps"),
         (["--num_validation_images", "0"], "num_validation_images"),
         (["--validation_steps", "0"], "validation_steps"),
+        (["--train_batch_size", "0"], "train_batch_size"),
     ],
 )
 def test_bad_flags_give_clear_errors(flags, message, tmp_path, eval_prompts):

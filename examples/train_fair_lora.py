@@ -242,7 +242,7 @@ def load_semantics(args):
             encoders["clip"] = load_clip("miniature", "cpu")[0]
         if name in ("miniature", "miniature-dino"):
             encoders["dino"] = load_dino("miniature", "cpu")
-        if not name.startswith("miniature"):
+        if name not in ("miniature", "miniature-clip", "miniature-dino"):
             from transformers import AutoModel
 
             encoders[os.path.basename(name.rstrip("/"))] = AutoModel.from_pretrained(name)
@@ -515,6 +515,7 @@ def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_
             "rank",
             "learning_rate",
             "max_train_steps",
+            "train_batch_size",
             "images_per_prompt",
             "num_inference_steps",
             "guidance_scale",
@@ -524,6 +525,7 @@ def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_
             "lambda_img_agree",
             "lambda_img_nonface",
             "lambda_img_face",
+            "semantics_encoders",
             "train_prompts",
             "eval_prompts",
             "seed",

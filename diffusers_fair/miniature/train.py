@@ -162,6 +162,17 @@ def _write_card(folder: str, title: str, body: str, args: argparse.Namespace, me
         f.write("\n".join(lines))
 
 
+def _save_with_processor(out_dir: str, model, processor, title: str, body: str, args, metrics: dict) -> None:
+    """Saves a transformers model, its processor and its model card into `out_dir`, atomically."""
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+        _write_card(folder, title, body, args, metrics)
+
+    _save_atomically(out_dir, write)
+
+
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     def schedule(step: int) -> float:
         if step < warmup:
@@ -504,12 +515,7 @@ semantics loss run through the same code as real CLIP. Normalise images with CLI
 `CLIPProcessor` does).
 """
 
-    def write(folder: str) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-        processor.save_pretrained(folder)
-        _write_card(folder, "Miniature CLIP (diffusers-fair)", body, args, metrics)
-
-    _save_atomically(out_dir, write)
+    _save_with_processor(out_dir, model, processor, "Miniature CLIP (diffusers-fair)", body, args, metrics)
     return metrics
 
 
@@ -707,12 +713,7 @@ nearest training render by cosine of features has the same label; `_untrained` i
 (its random initialisation), the baseline training must beat.
 """
 
-    def write(folder: str) -> None:
-        teacher.save_pretrained(folder, safe_serialization=True)
-        image_processor.save_pretrained(folder)
-        _write_card(folder, "Miniature DINO (diffusers-fair)", body, args, metrics)
-
-    _save_atomically(out_dir, write)
+    _save_with_processor(out_dir, teacher, image_processor, "Miniature DINO (diffusers-fair)", body, args, metrics)
     return metrics
 
 

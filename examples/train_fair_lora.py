@@ -293,7 +293,7 @@ def main(input_args: list[str] | None = None) -> dict:
     )
     context_classifier = load_classifier(args.context_classifier, args).to(device) if args.context_classifier else None
     # The semantics loss's encoders also measure how similar each adapted image stays to its original (CLIP-I, DINO).
-    similarity = dict(objective.semantics_loss.encoders) if semantics is not None else None
+    similarity = dict(semantics.encoders) if semantics is not None else None
     train_prompts, eval_prompts = load_prompts(args.train_prompts), load_prompts(args.eval_prompts)
 
     set_seed(args.seed)  # the adaptor's initialisation

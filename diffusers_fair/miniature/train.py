@@ -467,8 +467,8 @@ def train_clip(args, data, tokenizer: CLIPTokenizer, out_dir: str) -> dict:
     # world do not teach that. The head below does: it predicts the image's attributes from the caption alone. For
     # "a nurse" the best answer is the nurse's frequencies; for "a long-haired nurse", "long". So both the word and
     # the occupation's prior move the pooled text state along one shared direction per attribute.
-    head = torch.nn.Linear(model.config.text_config.hidden_size, sum(len(c) for c in ATTRIBUTES.values()))
     splits = [len(c) for c in ATTRIBUTES.values()]
+    head = torch.nn.Linear(model.config.text_config.hidden_size, sum(splits))
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-3, weight_decay=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(50, args.clip_steps))
     generator = torch.Generator().manual_seed(args.seed + 6)
@@ -625,13 +625,15 @@ def train_dino(args, data, out_dir: str) -> dict:
     num_prototypes, student_temperature, teacher_temperature, center_momentum = 256, 0.1, 0.04, 0.9
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
-    def make_head() -> torch.nn.Module:
+    def make_head(width: int) -> torch.nn.Module:
         return torch.nn.Sequential(
-            torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64), torch.nn.LayerNorm(64),
-            torch.nn.Linear(64, num_prototypes),
+            torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width),
+            torch.nn.LayerNorm(width), torch.nn.Linear(width, num_prototypes),
         )  # fmt: skip
 
-    student, student_head = make_dino(), make_head()
+    student = make_dino()
+    width = student.config.hidden_size
+    student_head = make_head(width)
     fresh = sample_dataset(images_per_occupation=4, seed=args.seed + 1000)
     labels = {**data.labels, "occupation": data.occupations}
     fresh_labels = {**fresh.labels, "occupation": fresh.occupations}
@@ -647,7 +649,7 @@ def train_dino(args, data, out_dir: str) -> dict:
         return _nearest_neighbour_accuracy(bank, labels, queries, fresh_labels)
 
     untrained = accuracy(student)  # the baseline: what the architecture gives before any training
-    teacher, teacher_head = make_dino(), make_head()
+    teacher, teacher_head = make_dino(), make_head(width)
     teacher.load_state_dict(student.state_dict())
     teacher_head.load_state_dict(student_head.state_dict())
     teacher.requires_grad_(False)

@@ -64,8 +64,8 @@ MINIATURE_DEFAULTS = {  # the demo: about 10 minutes on 2 CPU cores
     "train_batch_size": 4,  # four prompts per step: their opposite corrections share each update
     "images_per_prompt": 12,
     "eval_images_per_prompt": 32,
-    "max_train_steps": 60,
-    "learning_rate": 5e-3,
+    "max_train_steps": 40,
+    "learning_rate": 7e-3,
     "rank": 8,
     "confidence_threshold": 0.6,
     "lambda_img_agree": 8.0,

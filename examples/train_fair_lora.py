@@ -429,6 +429,7 @@ def main(input_args: list[str] | None = None) -> dict:
         if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             metrics = evaluate(adapters, eval_prompts, eval_classifier, context_classifier, args, True, similarity)
             accelerator.log({f"eval/{k}": v[0] for k, v in metrics["summary"].items()}, step=global_step)
+            logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v[0]:.3f}" for k, v in metrics["summary"].items()))
             if accelerator.is_main_process:
                 write_validation_grid(adapters, eval_prompts, eval_classifier, args, global_step)
 

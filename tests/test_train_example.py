@@ -90,6 +90,17 @@ def test_frozen_unconditional_trains_and_evaluates_with_the_base_empty_prompt(tm
     assert_same_classes_as_the_script(adapted, evaluation)
 
 
+def test_intermediate_validation_logs_its_metrics_and_writes_a_grid(tmp_path, eval_prompts, caplog):
+    caplog.set_level("INFO")
+    evaluation = train.main(tiny_run(tmp_path, eval_prompts, "--validation_steps", "1"))
+    assert os.path.isfile(tmp_path / "validation" / "step-000001.png")
+    lines = [r.getMessage() for r in caplog.records if "Step 1: " in r.getMessage()]
+    assert len(lines) == 1 and "bias/hair" in lines[0] and "context_kept" in lines[0]
+    # The step-2 evaluation is the final one, so it is not logged as a validation step.
+    assert not any("Step 2: " in r.getMessage() for r in caplog.records)
+    assert "bias/hair" in evaluation["after"]["summary"]
+
+
 def test_resume_continues_exactly(tmp_path, eval_prompts, monkeypatch):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     schedule = ["--max_train_steps", "4", "--checkpointing_steps", "2"]

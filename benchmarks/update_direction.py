@@ -54,7 +54,7 @@ def main(input_args=None):
     torch.set_num_threads(args.threads)
     pipe = load_pipeline()
     classifier, context = load_classifier("train"), load_classifier("context")
-    negative = None
+    negative = pipe.encode_prompt("", "cpu", 1, False)[0]  # the base model's empty prompt
     sample = {"height": 32, "width": 32, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
 
     def encode(occupation, word=""):
@@ -75,7 +75,6 @@ def main(input_args=None):
         long = (classifier(images)["hair"].argmax(-1) == 1).float()
         return float(long.mean()), context(images)["occupation"].argmax(-1)
 
-    negative = pipe.encode_prompt("", "cpu", 1, False)[0]
     start = max(len(pipe.tokenizer(PROMPT.format("long-haired " + o)).input_ids) for o in WORD_OCCUPATIONS)
     shifts = [encode(o, "long-haired ")[0, start:] - encode(o)[0, start:] for o in WORD_OCCUPATIONS]
     word = torch.stack(shifts).mean(0)

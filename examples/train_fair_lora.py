@@ -245,14 +245,17 @@ def load_target(args, classifier_attributes=None) -> TargetDistribution:
     return TargetDistribution.from_string(args.target, attributes=classifier_attributes)
 
 
+# `--semantics_encoders` names of the miniature world's encoders -> which of them each selects.
+MINIATURE_SEMANTICS = {"miniature": ("clip", "dino"), "miniature-clip": ("clip",), "miniature-dino": ("dino",)}
+
+
 def load_semantics(args):
     encoders = {}
     for name in args.semantics_encoders:
-        if name in ("miniature", "miniature-clip"):
-            encoders["clip"] = load_clip("miniature", "cpu")[0]
-        if name in ("miniature", "miniature-dino"):
-            encoders["dino"] = load_dino("miniature", "cpu")
-        if name not in ("miniature", "miniature-clip", "miniature-dino"):
+        if name in MINIATURE_SEMANTICS:
+            for kind in MINIATURE_SEMANTICS[name]:
+                encoders[kind] = load_clip("miniature", "cpu")[0] if kind == "clip" else load_dino("miniature", "cpu")
+        else:
             from transformers import AutoModel
 
             encoders[os.path.basename(name.rstrip("/"))] = AutoModel.from_pretrained(name)

@@ -112,6 +112,26 @@ def clip_text_similarity(images: torch.Tensor, prompt: str, clip_model, tokenize
 
 
 @torch.no_grad()
+def image_features(images: torch.Tensor, model, batch_size: int = 16) -> torch.Tensor:
+    r"""
+    The image features [`image_similarity`] compares: one row per image.
+
+    Args:
+        images (`torch.Tensor` of shape `(B, 3, H, W)`): Values in `[0, 1]`.
+        model (`CLIPModel`, `Dinov2Model` or [`~diffusers_fair.semantics.ImageFeatureExtractor`]): The encoder.
+        batch_size (`int`, *optional*, defaults to 16): Images per encoder call.
+
+    Returns:
+        `torch.Tensor` of shape `(B, D)`, float32, on the CPU.
+    """
+    from .semantics import ImageFeatureExtractor
+
+    extractor = model if isinstance(model, ImageFeatureExtractor) else ImageFeatureExtractor(model)
+    device = _device_of(extractor)
+    return torch.cat(_batched(lambda x: extractor(x.to(device)).float().cpu(), [images], batch_size))
+
+
+@torch.no_grad()
 def image_similarity(images: torch.Tensor, reference_images: torch.Tensor, model, batch_size: int = 16):
     r"""
     CLIP-I or DINO similarity: cosine similarity between the features of each image and of its reference (the
@@ -127,20 +147,13 @@ def image_similarity(images: torch.Tensor, reference_images: torch.Tensor, model
     Returns:
         `torch.Tensor` of shape `(B,)`, values in `[-1, 1]`, on the CPU.
     """
-    from .semantics import ImageFeatureExtractor
-
     if images.shape[0] != reference_images.shape[0]:
         raise ValueError(
             f"`reference_images` has {reference_images.shape[0]} images but `images` has {images.shape[0]}; pair "
             f"each image with the original model's image from the same noise."
         )
-    extractor = model if isinstance(model, ImageFeatureExtractor) else ImageFeatureExtractor(model)
-    device = _device_of(extractor)
-
-    def similarity(x, y):
-        return F.cosine_similarity(extractor(x.to(device)).float(), extractor(y.to(device)).float(), dim=-1)
-
-    return torch.cat(_batched(similarity, [images, reference_images], batch_size)).cpu()
+    features = image_features(images, model, batch_size)
+    return F.cosine_similarity(features, image_features(reference_images, model, batch_size), dim=-1)
 
 
 def image_seed(seed: int, prompt: str, index: int) -> int:

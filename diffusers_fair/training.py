@@ -354,6 +354,7 @@ def evaluate_adapters(
     seed: int = 0,
     frozen_unconditional: bool = False,
     similarity_encoders: Mapping[str, nn.Module] | None = None,
+    reference_cache: dict | None = None,
     **generation_kwargs,
 ) -> dict:
     r"""
@@ -379,29 +380,53 @@ def evaluate_adapters(
         similarity_encoders (`dict[str, nn.Module]`, *optional*):
             Name -> `CLIPModel`, `Dinov2Model` or [`~diffusers_fair.semantics.ImageFeatureExtractor`] (with
             `enabled=True` only).
+        reference_cache (`dict`, *optional*):
+            Keeps what is measured on the base model's images (their context classes and similarity features) per
+            prompt and generation settings, so that repeated evaluations (before training with `enabled=False`,
+            then at each validation) generate the base images once. Pass the same dict, initially empty, to every
+            call; entries are keyed by the prompt, `num_images_per_prompt`, `seed`, `batch_size`, the generation
+            settings and the classifier or encoder object, so other settings measure afresh. Generation settings
+            must then be plain values (no tensors).
         generation_kwargs: `num_inference_steps`, `guidance_scale`, `height`, `width`, ... for the pipeline.
 
     Returns:
         `dict` (JSON-serialisable): `"per_prompt"` rows and `"summary"` metric -> `[mean, sd]` over prompts.
     """
-    from .metrics import generate_images, image_similarity, mean_std, score_images
+    from .metrics import generate_images, image_features, mean_std, score_images
 
+    if reference_cache is not None and any(isinstance(v, torch.Tensor) for v in generation_kwargs.values()):
+        raise ValueError(
+            "`reference_cache` keys entries by the generation settings' values, and tensors cannot be compared so: "
+            "pass `reference_cache=None` with tensor arguments such as `negative_prompt_embeds`."
+        )
     view = AdaptedPipeline(adapters, enabled, frozen_unconditional)
     rows = []
     kwargs = {"batch_size": batch_size, "seed": seed, "progress_bar": False, **generation_kwargs}
+    measurers = {}  # metric name, object -> what is measured on a set of images to compare with the base model's
+    if context_classifier is not None:
+        (context,) = context_classifier.attributes
+        measurers["context_kept", id(context_classifier)] = lambda x: context_classifier(x)[context].argmax(-1)
+    for name, encoder in (similarity_encoders or {}).items():
+        measurers[f"{name}_similarity", id(encoder)] = lambda x, e=encoder: image_features(x, e, batch_size)
+    settings = (num_images_per_prompt, seed, batch_size, repr(sorted(generation_kwargs.items())))
     for prompt in prompts:
-        images = generate_images(view, [prompt], num_images_per_prompt, **kwargs)
-        row = score_images(images, classifier).per_prompt[0]
-        if enabled and (context_classifier is not None or similarity_encoders):
-            originals = generate_images(AdaptedPipeline(adapters, False), [prompt], num_images_per_prompt, **kwargs)
-            if context_classifier is not None:
-                (name,) = context_classifier.attributes
-                predicted = context_classifier(images[prompt])[name].argmax(-1)
-                original = context_classifier(originals[prompt])[name].argmax(-1)
-                row["context_kept"] = float((predicted == original).float().mean())
-            for name, encoder in (similarity_encoders or {}).items():
-                similarity = image_similarity(images[prompt], originals[prompt], encoder, batch_size)
-                row[f"{name}_similarity"] = float(similarity.mean())
+        images = generate_images(view, [prompt], num_images_per_prompt, **kwargs)[prompt]
+        row = score_images({prompt: images}, classifier).per_prompt[0]
+        cached = {} if reference_cache is None else reference_cache.setdefault((prompt, *settings), {})
+        if not enabled:  # these are the base images: only keep what is measured on them
+            if reference_cache is not None:
+                cached.update({key: measure(images) for key, measure in measurers.items() if key not in cached})
+        elif measurers:
+            if any(key not in cached for key in measurers):
+                base = AdaptedPipeline(adapters, False)
+                originals = generate_images(base, [prompt], num_images_per_prompt, **kwargs)[prompt]
+                cached.update({key: measure(originals) for key, measure in measurers.items() if key not in cached})
+            for key, measure in measurers.items():
+                value, reference = measure(images), cached[key]
+                if key[0] == "context_kept":
+                    row[key[0]] = float((value == reference).float().mean())
+                else:
+                    row[key[0]] = float(torch.nn.functional.cosine_similarity(value, reference, dim=-1).mean())
         rows.append(row)
     metrics = [k for k, v in rows[0].items() if isinstance(v, float)] if rows else []
     summary = {k: list(mean_std([row[k] for row in rows])) for k in metrics}

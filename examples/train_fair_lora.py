@@ -307,6 +307,7 @@ def main(input_args: list[str] | None = None) -> dict:
     context_classifier = load_classifier(args.context_classifier, args).to(device) if args.context_classifier else None
     # The semantics loss's encoders also measure how similar each adapted image stays to its original (CLIP-I, DINO).
     similarity = dict(semantics.encoders) if semantics is not None else None
+    reference_cache = {}  # what evaluations measure on the base model's images, kept between them
     train_prompts, eval_prompts = load_prompts(args.train_prompts), load_prompts(args.eval_prompts)
 
     set_seed(args.seed)  # the adaptor's initialisation
@@ -357,7 +358,9 @@ def main(input_args: list[str] | None = None) -> dict:
     # 3. Evaluation before training (the base model: adaptors disabled)
     evaluation = {}
     if global_step == 0 or not os.path.isfile(os.path.join(args.output_dir, "evaluation_before.json")):
-        evaluation["before"] = evaluate(adapters, eval_prompts, eval_classifier, None, args, enabled=False)
+        evaluation["before"] = evaluate(
+            adapters, eval_prompts, eval_classifier, context_classifier, args, False, similarity, reference_cache
+        )
         if accelerator.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, "evaluation_before.json"), "w", encoding="utf-8") as f:
@@ -430,14 +433,18 @@ def main(input_args: list[str] | None = None) -> dict:
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             save_checkpoint(accelerator, args, global_step)
         if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            metrics = evaluate(adapters, eval_prompts, eval_classifier, context_classifier, args, True, similarity)
+            metrics = evaluate(
+                adapters, eval_prompts, eval_classifier, context_classifier, args, True, similarity, reference_cache
+            )
             accelerator.log({f"eval/{k}": v[0] for k, v in metrics["summary"].items()}, step=global_step)
             logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v[0]:.3f}" for k, v in metrics["summary"].items()))
             if accelerator.is_main_process:
                 write_validation_grid(adapters, eval_prompts, eval_classifier, args, global_step)
 
     # 5. Final evaluation, adaptor, model card, Hub
-    evaluation["after"] = evaluate(adapters, eval_prompts, eval_classifier, context_classifier, args, True, similarity)
+    evaluation["after"] = evaluate(
+        adapters, eval_prompts, eval_classifier, context_classifier, args, True, similarity, reference_cache
+    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         weight_name = adapters.save_pretrained(args.output_dir)
@@ -456,16 +463,18 @@ def main(input_args: list[str] | None = None) -> dict:
     return evaluation
 
 
-def evaluate(adapters, prompts, classifier, context_classifier, args, enabled=True, similarity_encoders=None) -> dict:
+def evaluate(adapters, prompts, classifier, context, args, enabled, similarity=None, reference_cache=None) -> dict:
+    # With one `reference_cache` for a run, the base model's images are generated and measured once.
     return evaluate_adapters(
         adapters,
         prompts,
         classifier,
         args.eval_images_per_prompt,
-        context_classifier,
+        context,
         enabled,
         seed=args.seed,
-        similarity_encoders=similarity_encoders,
+        similarity_encoders=similarity,
+        reference_cache=reference_cache,
         frozen_unconditional=args.frozen_unconditional,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,

@@ -143,6 +143,40 @@ def test_evaluate_adapters_measures_similarity_to_the_originals():
     assert unchanged["summary"]["pixels_similarity"][0] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_reference_cache_generates_the_base_images_once_with_the_same_results(monkeypatch):
+    pipe, adapters = perturbed_adapters("text_encoder_lora")
+    classifier, encoders = BrightnessClassifier(), {"pixels": Pixels()}
+    context = BrightnessClassifier({"context": ["a", "b"]})
+    context.forward = lambda images: {"context": BrightnessClassifier.forward(context, images)["brightness"]}
+    prompts, kwargs = ["a doctor", "a nurse"], {"num_inference_steps": 3, "guidance_scale": 2.0, "batch_size": 4}
+    uncached = evaluate_adapters(adapters, prompts, classifier, 4, context, similarity_encoders=encoders, **kwargs)
+    base_calls = []
+    call = AdaptedPipeline.__call__
+
+    def counting_call(self, prompt, **call_kwargs):
+        base_calls.append(not self.enabled)
+        return call(self, prompt, **call_kwargs)
+
+    monkeypatch.setattr(AdaptedPipeline, "__call__", counting_call)
+    cache = {}
+    evaluated = [
+        evaluate_adapters(adapters, prompts, classifier, 4, context, enabled, similarity_encoders=encoders,
+                          reference_cache=cache, **kwargs)
+        for enabled in (False, True, True)
+    ]  # fmt: skip
+    assert sum(base_calls) == len(prompts)  # the before pass only; each prompt is one call of 4 images
+    assert evaluated[1] == uncached and evaluated[2] == uncached
+    assert "context_kept" not in evaluated[0]["summary"]  # the base model is not compared with itself
+    # Other generation settings are measured afresh, not read from the cache.
+    other = {**kwargs, "num_inference_steps": 2}
+    base_calls.clear()
+    fresh = evaluate_adapters(adapters, prompts, classifier, 4, context, reference_cache=cache, **other)
+    assert sum(base_calls) == len(prompts)
+    assert fresh == evaluate_adapters(adapters, prompts, classifier, 4, context, **other)
+    with pytest.raises(ValueError, match="reference_cache"):
+        evaluate_adapters(adapters, prompts, classifier, 4, reference_cache={}, negative_prompt_embeds=torch.zeros(1))
+
+
 def test_frozen_unconditional_view_guides_with_the_base_empty_prompt():
     pipe, adapters = perturbed_adapters("text_encoder_lora")
     prompts = ["a photo of the face of a doctor", "a photo of the face of a nurse"]

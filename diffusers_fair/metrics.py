@@ -102,13 +102,10 @@ def clip_text_similarity(images: torch.Tensor, prompt: str, clip_model, tokenize
     Returns:
         `torch.Tensor` of shape `(B,)`, values in `[-1, 1]`, on the CPU.
     """
-    from .semantics import ImageFeatureExtractor, text_features
+    from .semantics import text_features
 
-    extractor = ImageFeatureExtractor(clip_model)
-    device = _device_of(clip_model)
-    text = F.normalize(text_features(clip_model, tokenizer, [prompt]).float(), dim=-1)
-    sims = _batched(lambda x: F.normalize(extractor(x.to(device)).float(), dim=-1) @ text[0], [images], batch_size)
-    return torch.cat(sims).cpu()
+    text = F.normalize(text_features(clip_model, tokenizer, [prompt]).float(), dim=-1)[0].cpu()
+    return F.normalize(image_features(images, clip_model, batch_size), dim=-1) @ text
 
 
 @torch.no_grad()

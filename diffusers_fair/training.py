@@ -402,12 +402,19 @@ def evaluate_adapters(
     view = AdaptedPipeline(adapters, enabled, frozen_unconditional)
     rows = []
     kwargs = {"batch_size": batch_size, "seed": seed, "progress_bar": False, **generation_kwargs}
-    measurers = {}  # metric name, object -> what is measured on a set of images to compare with the base model's
+    # (metric, object) -> what is measured on a set of images, and how it is compared with the base model's.
+    measurers = {}
     if context_classifier is not None:
         (context,) = context_classifier.attributes
-        measurers["context_kept", id(context_classifier)] = lambda x: context_classifier(x)[context].argmax(-1)
+        measurers["context_kept", id(context_classifier)] = (
+            lambda x: context_classifier(x)[context].argmax(-1),
+            lambda value, reference: (value == reference).float().mean(),
+        )
     for name, encoder in (similarity_encoders or {}).items():
-        measurers[f"{name}_similarity", id(encoder)] = lambda x, e=encoder: image_features(x, e, batch_size)
+        measurers[f"{name}_similarity", id(encoder)] = (
+            lambda x, e=encoder: image_features(x, e, batch_size),
+            lambda value, reference: torch.nn.functional.cosine_similarity(value, reference, dim=-1).mean(),
+        )
     settings = (num_images_per_prompt, seed, batch_size, repr(sorted(generation_kwargs.items())))
     for prompt in prompts:
         images = generate_images(view, [prompt], num_images_per_prompt, **kwargs)[prompt]
@@ -415,18 +422,16 @@ def evaluate_adapters(
         cached = {} if reference_cache is None else reference_cache.setdefault((prompt, *settings), {})
         if not enabled:  # these are the base images: only keep what is measured on them
             if reference_cache is not None:
-                cached.update({key: measure(images) for key, measure in measurers.items() if key not in cached})
+                cached.update({key: measure(images) for key, (measure, _) in measurers.items() if key not in cached})
         elif measurers:
             if any(key not in cached for key in measurers):
                 base = AdaptedPipeline(adapters, False)
                 originals = generate_images(base, [prompt], num_images_per_prompt, **kwargs)[prompt]
-                cached.update({key: measure(originals) for key, measure in measurers.items() if key not in cached})
-            for key, measure in measurers.items():
-                value, reference = measure(images), cached[key]
-                if key[0] == "context_kept":
-                    row[key[0]] = float((value == reference).float().mean())
-                else:
-                    row[key[0]] = float(torch.nn.functional.cosine_similarity(value, reference, dim=-1).mean())
+                cached.update(
+                    {key: measure(originals) for key, (measure, _) in measurers.items() if key not in cached}
+                )
+            for (metric, obj), (measure, compare) in measurers.items():
+                row[metric] = float(compare(measure(images), cached[metric, obj]))
         rows.append(row)
     metrics = [k for k, v in rows[0].items() if isinstance(v, float)] if rows else []
     summary = {k: list(mean_std([row[k] for row in rows])) for k in metrics}

@@ -277,6 +277,13 @@ def main(input_args: list[str] | None = None) -> dict:
         ),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > accelerator.num_processes:
+        raise ValueError(
+            f"The launcher started {world_size} processes, but Accelerate found no GPU and runs each one alone: they "
+            "would train separately and overwrite each other's files. On CPUs, launch with `ACCELERATE_USE_CPU=1 "
+            "accelerate launch --multi_gpu --num_processes N ...` (gloo)."
+        )
     device = accelerator.device
 
     # 1. Models, target, losses
@@ -318,12 +325,19 @@ def main(input_args: list[str] | None = None) -> dict:
     params = adapters.parameters()
     weight_decay = 0.0 if args.finetune == "prompt_prefix" else 1e-2  # decay would move the frozen embedding rows
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=weight_decay)
+    # Accelerate steps a prepared scheduler once per process at each optimizer step, hence the factors.
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     # Only the adaptor goes into checkpoints (safetensors), next to Accelerate's optimizer / scheduler / RNG state.
-    accelerator.register_save_state_pre_hook(lambda models, weights, folder: adapters.save_state(folder))
+    # Every process holds the same adaptor; one writes it (two writers would share its temporary file).
+    accelerator.register_save_state_pre_hook(
+        lambda models, weights, folder: adapters.save_state(folder) if accelerator.is_main_process else None
+    )
     accelerator.register_load_state_pre_hook(lambda models, folder: adapters.load_state(folder))
 
     # One row for the one prompt of each engine call; the pipeline repeats it per image.
@@ -376,7 +390,9 @@ def main(input_args: list[str] | None = None) -> dict:
         start = time.perf_counter()
         logs = {}
         for micro in range(args.gradient_accumulation_steps):
-            order = step_generator(args.seed, global_step, micro, accelerator.process_index)
+            # Every process trains on the same prompts (key 0), each with its own noise: the gathered transport then
+            # aligns one prompt's images from all processes.
+            order = step_generator(args.seed, global_step, micro, 0)
             picks = torch.randint(len(train_prompts), (args.train_batch_size,), generator=order).tolist()
             steps = args.num_inference_steps + int(
                 torch.randint(

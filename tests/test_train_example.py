@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -187,3 +189,38 @@ def test_unknown_flag_is_refused(tmp_path, eval_prompts, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(tiny_run(tmp_path, eval_prompts, "--output_type", "pil"))
     assert "--output_type" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the processes of this CPU test would share the GPU")
+def test_two_processes_train_on_the_same_prompts_with_their_own_noise(tmp_path, eval_prompts):
+    # The transport gathers the class probabilities of all processes: they must come from one prompt's images.
+    script = os.path.join(ROOT, "tests", "scripts", "train_example_two_processes.py")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, str(tmp_path)]
+    command += tiny_run(tmp_path, eval_prompts, "--train_batch_size", "2", "--lr_scheduler", "linear")
+    command += ["--checkpointing_steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Without ACCELERATE_USE_CPU, Accelerate on a machine without GPUs would run each process alone: refused.
+    alone = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert alone.returncode != 0 and "ACCELERATE_USE_CPU=1" in alone.stderr
+    assert not os.path.exists(tmp_path / "evaluation_before.json")
+    run = subprocess.run(command, capture_output=True, text=True, env={**env, "ACCELERATE_USE_CPU": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, second = (json.loads((tmp_path / f"process-{rank}.json").read_text()) for rank in (0, 1))
+    assert len(first["calls"]) == len(second["calls"]) == 4  # 2 steps x 2 prompts
+    assert [c["prompt"] for c in first["calls"]] == [c["prompt"] for c in second["calls"]]
+    assert len({c["prompt"][0] for c in first["calls"]}) > 1
+    assert all(a["noise_seed"] != b["noise_seed"] for a, b in zip(first["calls"], second["calls"]))
+    # Accelerate steps the scheduler once per process: the linear decay still spans the run's 2 steps.
+    assert first["learning_rates"] == pytest.approx([0.5 * 7e-3, 0.0])
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    # The step-1 checkpoint: one adaptor state (the processes hold the same weights) and each process's RNG state.
+    checkpoint = tmp_path / "checkpoint-1"
+    assert sorted(p.name for p in checkpoint.iterdir() if "random_states" in p.name) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    state = load_file(checkpoint / "adapter_state.safetensors")
+    assert len(state) == len(load_file(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert all(value.isfinite().all() for value in state.values())

@@ -392,7 +392,7 @@ def evaluate_adapters(
     Returns:
         `dict` (JSON-serialisable): `"per_prompt"` rows and `"summary"` metric -> `[mean, sd]` over prompts.
     """
-    from .metrics import generate_images, image_features, mean_std, score_images
+    from .metrics import generate_images, image_features, score_images
 
     if reference_cache is not None and any(isinstance(v, torch.Tensor) for v in generation_kwargs.values()):
         raise ValueError(
@@ -433,9 +433,25 @@ def evaluate_adapters(
             for (metric, obj), (measure, compare) in measurers.items():
                 row[metric] = float(compare(measure(images), cached[metric, obj]))
         rows.append(row)
+    return {"per_prompt": rows, "summary": summarize_per_prompt(rows)}
+
+
+def summarize_per_prompt(rows: Sequence[Mapping]) -> dict[str, list[float]]:
+    r"""
+    The `"summary"` of [`evaluate_adapters`]: metric -> `[mean, sd]` over prompts of every float field of the rows.
+
+    Evaluations split over processes (each on its share of the prompts) summarise their gathered rows with it.
+
+    Args:
+        rows (`list[dict]`): One row per prompt, as in [`evaluate_adapters`]'s `"per_prompt"`.
+
+    Returns:
+        `dict[str, list[float]]`; empty without rows.
+    """
+    from .metrics import mean_std
+
     metrics = [k for k, v in rows[0].items() if isinstance(v, float)] if rows else []
-    summary = {k: list(mean_std([row[k] for row in rows])) for k in metrics}
-    return {"per_prompt": rows, "summary": summary}
+    return {k: list(mean_std([row[k] for row in rows])) for k in metrics}
 
 
 @torch.no_grad()

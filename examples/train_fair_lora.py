@@ -20,7 +20,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -41,6 +41,7 @@ from diffusers_fair.training import (
     add_fair_adapters,
     evaluate_adapters,
     frozen_unconditional_embeds,
+    summarize_per_prompt,
     validation_grid,
 )
 
@@ -373,7 +374,15 @@ def main(input_args: list[str] | None = None) -> dict:
     evaluation = {}
     if global_step == 0 or not os.path.isfile(os.path.join(args.output_dir, "evaluation_before.json")):
         evaluation["before"] = evaluate(
-            adapters, eval_prompts, eval_classifier, context_classifier, args, False, similarity, reference_cache
+            accelerator,
+            adapters,
+            eval_prompts,
+            eval_classifier,
+            context_classifier,
+            args,
+            False,
+            similarity,
+            reference_cache,
         )
         if accelerator.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -450,7 +459,15 @@ def main(input_args: list[str] | None = None) -> dict:
             save_checkpoint(accelerator, args, global_step)
         if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             metrics = evaluate(
-                adapters, eval_prompts, eval_classifier, context_classifier, args, True, similarity, reference_cache
+                accelerator,
+                adapters,
+                eval_prompts,
+                eval_classifier,
+                context_classifier,
+                args,
+                True,
+                similarity,
+                reference_cache,
             )
             accelerator.log({f"eval/{k}": v[0] for k, v in metrics["summary"].items()}, step=global_step)
             logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v[0]:.3f}" for k, v in metrics["summary"].items()))
@@ -459,7 +476,15 @@ def main(input_args: list[str] | None = None) -> dict:
 
     # 5. Final evaluation, adaptor, model card, Hub
     evaluation["after"] = evaluate(
-        adapters, eval_prompts, eval_classifier, context_classifier, args, True, similarity, reference_cache
+        accelerator,
+        adapters,
+        eval_prompts,
+        eval_classifier,
+        context_classifier,
+        args,
+        True,
+        similarity,
+        reference_cache,
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -479,11 +504,15 @@ def main(input_args: list[str] | None = None) -> dict:
     return evaluation
 
 
-def evaluate(adapters, prompts, classifier, context, args, enabled, similarity=None, reference_cache=None) -> dict:
-    # With one `reference_cache` for a run, the base model's images are generated and measured once.
-    return evaluate_adapters(
+def evaluate(
+    accelerator, adapters, prompts, classifier, context, args, enabled, similarity=None, reference_cache=None
+) -> dict:
+    # Each process evaluates its share of the prompts (images are seeded per prompt and image, so the split does not
+    # change them); with one `reference_cache` for a run, the base model's images are generated and measured once.
+    share = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+    result = evaluate_adapters(
         adapters,
-        prompts,
+        [prompts[i] for i in share],
         classifier,
         args.eval_images_per_prompt,
         context,
@@ -497,6 +526,12 @@ def evaluate(adapters, prompts, classifier, context, args, enabled, similarity=N
         height=args.resolution,
         width=args.resolution,
     )
+    if accelerator.num_processes == 1:
+        return result
+    shares = gather_object([share])
+    rows = dict(zip((i for indices in shares for i in indices), gather_object(result["per_prompt"])))
+    rows = [rows[i] for i in range(len(prompts))]
+    return {"per_prompt": rows, "summary": summarize_per_prompt(rows)}
 
 
 def save_checkpoint(accelerator, args, step: int) -> None:

@@ -212,6 +212,20 @@ def test_two_processes_train_on_the_same_prompts_with_their_own_noise(tmp_path, 
     assert [c["prompt"] for c in first["calls"]] == [c["prompt"] for c in second["calls"]]
     assert len({c["prompt"][0] for c in first["calls"]}) > 1
     assert all(a["noise_seed"] != b["noise_seed"] for a, b in zip(first["calls"], second["calls"]))
+    # Each process evaluates its share of the eval prompts (the main one also draws the grid, of all of them); the
+    # gathered rows are in prompt order and equal a single-process evaluation's (here: the base model's, before).
+    prompts = [line for line in open(eval_prompts, encoding="utf-8").read().splitlines() if line]
+    assert second["evaluated_prompts"] == [prompts[1]] and prompts[0] in first["evaluated_prompts"]
+    before = json.loads((tmp_path / "evaluation_before.json").read_text())
+    assert [row["prompt"] for row in before["per_prompt"]] == prompts
+    base = generate_images(load_pipeline(), prompts, 2, num_inference_steps=3, guidance_scale=3.0, progress_bar=False,
+                           height=32, width=32)  # fmt: skip
+    for row, ours in zip(score_images(base, load_classifier("eval")).per_prompt, before["per_prompt"]):
+        assert row["freq/hair"] == ours["freq/hair"] and row["freq/skin"] == ours["freq/skin"]
+    assert set(json.loads((tmp_path / "evaluation.json").read_text())["after"]["summary"]) >= {
+        "bias/hair",
+        "context_kept",
+    }
     # Accelerate steps the scheduler once per process: the linear decay still spans the run's 2 steps.
     assert first["learning_rates"] == pytest.approx([0.5 * 7e-3, 0.0])
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()

@@ -15,6 +15,7 @@ from diffusers_fair.training import (
     add_fair_adapters,
     evaluate_adapters,
     frozen_unconditional_embeds,
+    summarize_per_prompt,
 )
 
 KWARGS = {"num_inference_steps": 3, "guidance_scale": 2.0, "output_type": "pt"}
@@ -114,6 +115,23 @@ def test_evaluate_adapters_base_and_adapted_views():
     pipe.disable_lora()
     plain = pipe("a doctor", generator=torch.Generator().manual_seed(0), **KWARGS)
     assert torch.equal(base.images, plain.images)
+
+
+def test_summarize_per_prompt_is_evaluate_adapters_summary_and_splits_over_prompts():
+    _, adapters = perturbed_adapters("text_encoder_lora")
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 2.0, "batch_size": 4}
+    prompts = ["a doctor", "a nurse", "a pilot"]
+    whole = evaluate_adapters(adapters, prompts, BrightnessClassifier(), 4, **kwargs)
+    assert summarize_per_prompt(whole["per_prompt"]) == whole["summary"]
+    # Evaluated in two shares (as processes do), the gathered rows summarise to the same numbers.
+    shares = [
+        evaluate_adapters(adapters, p, BrightnessClassifier(), 4, **kwargs) for p in (prompts[::2], prompts[1::2])
+    ]
+    rows = [shares[0]["per_prompt"][0], shares[1]["per_prompt"][0], shares[0]["per_prompt"][1]]
+    assert rows == whole["per_prompt"] and summarize_per_prompt(rows) == whole["summary"]
+    nan_row = {"prompt": "x", "num_images": 0, "bias/a": float("nan")}
+    assert summarize_per_prompt([{"prompt": "y", "num_images": 4, "bias/a": 0.5}, nan_row]) == {"bias/a": [0.5, 0.0]}
+    assert summarize_per_prompt([]) == {}
 
 
 class Pixels(ImageFeatureExtractor):

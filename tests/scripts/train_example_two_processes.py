@@ -1,6 +1,7 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2`: the training example on the miniature world, each
-process recording the prompt and noise seed of its training engine calls and the learning rate of each step into
-`OUTPUT_DIR/process-{rank}.json`. Arguments: the output folder, then the example's flags."""
+process recording the prompt and noise seed of its training engine calls, the prompts of its other calls (evaluation,
+validation grid) and the learning rate of each step into `OUTPUT_DIR/process-{rank}.json`. Arguments: the output
+folder, then the example's flags."""
 
 import importlib.util
 import json
@@ -20,13 +21,15 @@ def main(output_dir: str, flags: list[str]) -> None:
     )
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
-    calls, rates = [], []
+    calls, rates, evaluated = [], [], []
 
     call, log = FairStableDiffusionPipeline.__call__, Accelerator.log
 
     def recording_call(self, *args, **kwargs):
         if kwargs.get("return_original"):  # a training step's engine call
             calls.append({"prompt": kwargs["prompt"], "noise_seed": kwargs["generator"].initial_seed()})
+        else:  # evaluation or validation grid
+            evaluated.extend([kwargs["prompt"]] if isinstance(kwargs["prompt"], str) else kwargs["prompt"])
         return call(self, *args, **kwargs)
 
     def recording_log(self, values, step=None, **kwargs):
@@ -38,7 +41,7 @@ def main(output_dir: str, flags: list[str]) -> None:
     train.main(["--output_dir", output_dir, *flags])
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(output_dir, f"process-{rank}.json"), "w", encoding="utf-8") as f:
-        json.dump({"calls": calls, "learning_rates": rates}, f)
+        json.dump({"calls": calls, "learning_rates": rates, "evaluated_prompts": sorted(set(evaluated))}, f)
 
 
 if __name__ == "__main__":

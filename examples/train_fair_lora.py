@@ -9,6 +9,7 @@ package (its classifiers, CLIP and DINO, a uniform `hair` target, its train / he
 """
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -370,20 +371,21 @@ def main(input_args: list[str] | None = None) -> dict:
         if args.report_to:
             accelerator.init_trackers("fair-finetuning", config=tracker_config)
 
-    # 3. Evaluation before training (the base model: adaptors disabled)
+    # 3. Evaluation before training (the base model: adaptors disabled); the same one at validations and at the end
+    run_evaluation = functools.partial(
+        evaluate,
+        accelerator,
+        adapters,
+        eval_prompts,
+        eval_classifier,
+        context_classifier,
+        args,
+        similarity=similarity,
+        reference_cache=reference_cache,
+    )
     evaluation = {}
     if global_step == 0 or not os.path.isfile(os.path.join(args.output_dir, "evaluation_before.json")):
-        evaluation["before"] = evaluate(
-            accelerator,
-            adapters,
-            eval_prompts,
-            eval_classifier,
-            context_classifier,
-            args,
-            False,
-            similarity,
-            reference_cache,
-        )
+        evaluation["before"] = run_evaluation(False)
         if accelerator.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, "evaluation_before.json"), "w", encoding="utf-8") as f:
@@ -458,34 +460,14 @@ def main(input_args: list[str] | None = None) -> dict:
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             save_checkpoint(accelerator, args, global_step)
         if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            metrics = evaluate(
-                accelerator,
-                adapters,
-                eval_prompts,
-                eval_classifier,
-                context_classifier,
-                args,
-                True,
-                similarity,
-                reference_cache,
-            )
+            metrics = run_evaluation(True)
             accelerator.log({f"eval/{k}": v[0] for k, v in metrics["summary"].items()}, step=global_step)
             logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v[0]:.3f}" for k, v in metrics["summary"].items()))
             if accelerator.is_main_process:
                 write_validation_grid(adapters, eval_prompts, eval_classifier, args, global_step)
 
     # 5. Final evaluation, adaptor, model card, Hub
-    evaluation["after"] = evaluate(
-        accelerator,
-        adapters,
-        eval_prompts,
-        eval_classifier,
-        context_classifier,
-        args,
-        True,
-        similarity,
-        reference_cache,
-    )
+    evaluation["after"] = run_evaluation(True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         weight_name = adapters.save_pretrained(args.output_dir)

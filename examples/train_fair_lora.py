@@ -510,8 +510,11 @@ def evaluate(
     )
     if accelerator.num_processes == 1:
         return result
-    shares = gather_object([share])
-    rows = dict(zip((i for indices in shares for i in indices), gather_object(result["per_prompt"])))
+    # Gathered in process order: process r's rows are prompts r, r + N, r + 2N, ...
+    order = [
+        i for rank in range(accelerator.num_processes) for i in range(rank, len(prompts), accelerator.num_processes)
+    ]
+    rows = dict(zip(order, gather_object(result["per_prompt"])))
     rows = [rows[i] for i in range(len(prompts))]
     return {"per_prompt": rows, "summary": summarize_per_prompt(rows)}
 

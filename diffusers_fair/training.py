@@ -11,12 +11,13 @@ import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .alignment import DistributionalAlignmentLoss
 from .pipeline_fair_stable_diffusion import adapters_disabled
 from .semantics import ImageSemanticsLoss
+from .utils import atomic_save_file
 
 FINETUNE_MODES = ("text_encoder_lora", "unet_lora", "text_encoder_and_unet_lora", "prompt_prefix")
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -85,9 +86,7 @@ class FairAdapters:
 
     def save_state(self, directory: str | os.PathLike) -> None:
         """Writes the trained tensors to `directory/adapter_state.safetensors` (atomically)."""
-        path = os.path.join(directory, ADAPTER_STATE_NAME)
-        save_file(self.state_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_save_file(self.state_dict(), os.path.join(directory, ADAPTER_STATE_NAME))
 
     def load_state(self, directory: str | os.PathLike) -> None:
         self.load_state_dict(load_file(os.path.join(directory, ADAPTER_STATE_NAME)))
@@ -107,7 +106,7 @@ class FairAdapters:
         if self.finetune == "prompt_prefix":
             weight = self.pipeline.text_encoder.get_input_embeddings().weight
             embeds = weight.detach()[self.prefix_token_ids].float().cpu().contiguous()
-            save_file({self.prefix_token: embeds}, os.path.join(save_directory, PREFIX_WEIGHTS_NAME))
+            atomic_save_file({self.prefix_token: embeds}, os.path.join(save_directory, PREFIX_WEIGHTS_NAME))
             return PREFIX_WEIGHTS_NAME
         layers, metadata = {}, {}
         for name, config in self.lora_configs.items():

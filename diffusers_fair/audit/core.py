@@ -14,6 +14,7 @@ import torch
 
 from .. import __version__
 from ..metrics import classify_images, clip_text_similarity, generate_images, image_similarity, score_predictions
+from ..utils import atomic_save_file, atomic_write_json
 
 CONFIG_FILE = "audit.json"
 CACHE_DIR = "cache"
@@ -318,12 +319,6 @@ def _largest_face_crops(detector, images: torch.Tensor, size: int | None, device
 # --- the cache ----------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_json(path: str, data) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-    os.replace(path + ".tmp", path)
-
-
 def record_path(output: str, model: str, index: int) -> str:
     return os.path.join(output, CACHE_DIR, model, f"{index:05d}.safetensors")
 
@@ -370,11 +365,9 @@ def _save_images(images_uint8: torch.Tensor, folder: str) -> None:
 
 
 def _save_record(tensors: dict[str, torch.Tensor], path: str, prompt: str) -> None:
-    from safetensors.torch import save_file
-
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp", metadata={"prompt": prompt})
-    os.replace(path + ".tmp", path)  # the record is the commit marker of the prompt: written last, atomically
+    # The record is the commit marker of the prompt: written last, atomically.
+    atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"prompt": prompt})
 
 
 def prepare_output(output: str, config: AuditConfig) -> bool:
@@ -518,7 +511,7 @@ def run_audit(
     # 2. Write the config (the resume key), then run prompt by prompt.
     os.makedirs(args.output, exist_ok=True)
     if not resumed:
-        _atomic_write_json(os.path.join(args.output, CONFIG_FILE), {"config": asdict(config), "versions": versions()})
+        atomic_write_json(os.path.join(args.output, CONFIG_FILE), {"config": asdict(config), "versions": versions()})
     pipeline_kwargs = {}
     if config.resolution is not None:
         pipeline_kwargs.update(height=config.resolution, width=config.resolution)

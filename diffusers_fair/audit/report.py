@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..metrics import mean_std, score_predictions
+from ..utils import atomic_write_text
 from ..visualization import PALETTE, annotated_grid
 
 
@@ -154,12 +155,6 @@ def summary_table(report: dict) -> str:
 # --- writers ------------------------------------------------------------------------------------------------------
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def _per_model_entries(report: dict) -> list[tuple[str, str, dict]]:
     out = []
     for item in report["prompts"]:
@@ -194,7 +189,7 @@ def write_csv(report: dict, path: str) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    _write_text(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
 
 
 def write_markdown(report: dict, path: str) -> None:
@@ -215,12 +210,12 @@ def write_markdown(report: dict, path: str) -> None:
         f"Made with diffusers-fair {report['versions']['diffusers-fair']} (`diffusers-fair audit`).",
         "",
     ]
-    _write_text(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def write_report(report: dict, output: str, config, grid_images: int = 8) -> None:
     """Writes `report.json`, `report.csv`, `report.md`, the plots, the grids and `index.html` into `output`."""
-    _write_text(os.path.join(output, "report.json"), json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(os.path.join(output, "report.json"), json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_csv(report, os.path.join(output, "report.csv"))
     write_markdown(report, os.path.join(output, "report.md"))
     plots = write_plots(report, os.path.join(output, "plots"))
@@ -394,4 +389,4 @@ def write_html(report: dict, path: str, plots: list[tuple[str, str]], grids: lis
             f'<img src="{html.escape(src)}" alt="{html.escape(item["prompt"])}"></div>'
         )
     parts.append("</body></html>")
-    _write_text(path, "\n".join(parts) + "\n")
+    atomic_write_text(path, "\n".join(parts) + "\n")

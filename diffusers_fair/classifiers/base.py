@@ -6,8 +6,10 @@ from typing import ClassVar
 
 import torch
 from huggingface_hub import snapshot_download
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from ..utils import atomic_save_file, atomic_write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -57,13 +59,8 @@ class AttributeClassifier(nn.Module):
         os.makedirs(save_directory, exist_ok=True)
         config = {"classifier_class": type(self).__name__, **self.config}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        weights_path = os.path.join(save_directory, WEIGHTS_NAME)
-        save_file(state, weights_path + ".tmp")
-        os.replace(weights_path + ".tmp", weights_path)
-        config_path = os.path.join(save_directory, CONFIG_NAME)
-        with open(config_path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        os.replace(config_path + ".tmp", config_path)
+        atomic_save_file(state, os.path.join(save_directory, WEIGHTS_NAME))
+        atomic_write_json(os.path.join(save_directory, CONFIG_NAME), config)
 
     @classmethod
     def from_pretrained(

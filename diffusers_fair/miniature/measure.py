@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..metrics import bias_score
+from ..utils import atomic_write_json
 from .loading import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_classifier, load_pipeline
 from .train import _vae_round_trip, classifier_accuracy
 from .world import ATTRIBUTES, OCCUPATION_NAMES, OCCUPATIONS, OCCUPATIONS_HELDOUT, OCCUPATIONS_TRAIN, sample_dataset
@@ -155,8 +156,7 @@ def main(input_args: list[str] | None = None) -> dict:
     picture.save(os.path.join(args.output_dir, "grid.png"))
     results["grid_rows"] = [o.name for o in rows]
 
-    with open(os.path.join(args.output_dir, "measurements.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    atomic_write_json(os.path.join(args.output_dir, "measurements.json"), results)
     print(json.dumps(results, indent=2))
     return results
 

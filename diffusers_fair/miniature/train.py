@@ -57,6 +57,7 @@ from transformers import (
 )
 
 from ..semantics import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from ..utils import atomic_write_json
 from .models import MiniatureClassifier, make_clip, make_dino, make_unet, make_vae
 from .tokenizer import build_tokenizer
 from .world import ATTRIBUTE_WORDS, ATTRIBUTES, OCCUPATION_NAMES, TEMPLATES, attribute_caption, sample_dataset
@@ -790,9 +791,7 @@ def main(input_args: list[str] | None = None) -> dict:
         clip_stage = _start(executor, _clip_stage, args, data, tokenizer_dir)
         if not os.path.isdir(vae_dir):
             t = time.time()
-            with open(metrics_path + ".tmp", "w") as f:
-                json.dump(train_vae(args, data, vae_dir), f)
-            os.replace(metrics_path + ".tmp", metrics_path)
+            atomic_write_json(metrics_path, train_vae(args, data, vae_dir))
             timings["vae_s"] = round(time.time() - t, 1)
         vae = AutoencoderKL.from_pretrained(vae_dir).eval()
         vae_metrics = {}
@@ -823,8 +822,7 @@ def main(input_args: list[str] | None = None) -> dict:
     timings["total_s"] = round(time.time() - start, 1)
     summary["timings"] = timings
     print(json.dumps(summary, indent=2))
-    with open(os.path.join(args.output_dir, "training_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    atomic_write_json(os.path.join(args.output_dir, "training_summary.json"), summary)
     return summary
 
 

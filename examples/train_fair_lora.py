@@ -21,7 +21,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -45,6 +45,7 @@ from diffusers_fair.training import (
     summarize_per_prompt,
     validation_grid,
 )
+from diffusers_fair.utils import atomic_write_json, check_processes_joined
 
 logger = get_logger(__name__)
 
@@ -279,13 +280,7 @@ def main(input_args: list[str] | None = None) -> dict:
         ),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > accelerator.num_processes:
-        raise ValueError(
-            f"The launcher started {world_size} processes, but Accelerate found no GPU and runs each one alone: they "
-            "would train separately and overwrite each other's files. On CPUs, launch with `ACCELERATE_USE_CPU=1 "
-            "accelerate launch --multi_gpu --num_processes N ...` (gloo)."
-        )
+    check_processes_joined(accelerator)
     device = accelerator.device
 
     # 1. Models, target, losses
@@ -383,16 +378,20 @@ def main(input_args: list[str] | None = None) -> dict:
         similarity=similarity,
         reference_cache=reference_cache,
     )
-    evaluation = {}
-    if global_step == 0 or not os.path.isfile(os.path.join(args.output_dir, "evaluation_before.json")):
+    # A resumed run reuses the main process's saved evaluation. The main process decides for all: the others run the
+    # evaluation's collectives only if it does (other nodes may not see its output folder).
+    before_path = os.path.join(args.output_dir, "evaluation_before.json")
+    saved = [None]
+    if accelerator.is_main_process and global_step > 0 and os.path.isfile(before_path):
+        with open(before_path, encoding="utf-8") as f:
+            saved[0] = json.load(f)
+    broadcast_object_list(saved)
+    evaluation = {"before": saved[0]}
+    if saved[0] is None:
         evaluation["before"] = run_evaluation(False)
         if accelerator.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, "evaluation_before.json"), "w", encoding="utf-8") as f:
-                json.dump(evaluation["before"], f, indent=2)
-    else:
-        with open(os.path.join(args.output_dir, "evaluation_before.json"), encoding="utf-8") as f:
-            evaluation["before"] = json.load(f)
+            atomic_write_json(before_path, evaluation["before"])
 
     # 4. Training loop: pick prompts, draw noise, one engine call for finetuned + original images, losses, step
     gather = accelerator.gather if accelerator.num_processes > 1 else None
@@ -473,8 +472,7 @@ def main(input_args: list[str] | None = None) -> dict:
         weight_name = adapters.save_pretrained(args.output_dir)
         grid = write_validation_grid(adapters, eval_prompts, eval_classifier, args, global_step)
         shutil.copyfile(os.path.join(args.output_dir, grid), os.path.join(args.output_dir, "validation_grid.png"))
-        with open(os.path.join(args.output_dir, "evaluation.json"), "w", encoding="utf-8") as f:
-            json.dump(evaluation, f, indent=2)
+        atomic_write_json(os.path.join(args.output_dir, "evaluation.json"), evaluation)
         write_model_card(args, target, weight_name, evaluation, len(eval_prompts), "validation_grid.png")
         before = evaluation["before"]["summary"]
         for name, (mean, sd) in evaluation["after"]["summary"].items():

@@ -1,7 +1,8 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2`: the training example on the miniature world, each
 process recording the prompt and noise seed of its training engine calls, the prompts of its other calls (evaluation,
 validation grid) and the learning rate of each step into `OUTPUT_DIR/process-{rank}.json`. Arguments: the output
-folder, then the example's flags."""
+folder, then the example's flags. With `HIDE_SAVED_EVALUATION=1`, processes other than the main one do not see the
+output folder's `evaluation_before.json`, as on nodes that do not share that folder."""
 
 import importlib.util
 import json
@@ -38,8 +39,13 @@ def main(output_dir: str, flags: list[str]) -> None:
         return log(self, values, step=step, **kwargs)
 
     FairStableDiffusionPipeline.__call__, Accelerator.log = recording_call, recording_log
-    train.main(["--output_dir", output_dir, *flags])
     rank = int(os.environ.get("RANK", "0"))
+    if os.environ.get("HIDE_SAVED_EVALUATION") == "1" and rank != 0:
+        isfile = os.path.isfile
+        os.path.isfile = lambda path: not str(path).endswith("evaluation_before.json") and isfile(path)
+        assert isfile(os.path.join(output_dir, "evaluation_before.json"))
+        assert not os.path.isfile(os.path.join(output_dir, "evaluation_before.json"))
+    train.main(["--output_dir", output_dir, *flags])
     with open(os.path.join(output_dir, f"process-{rank}.json"), "w", encoding="utf-8") as f:
         json.dump({"calls": calls, "learning_rates": rates, "evaluated_prompts": sorted(set(evaluated))}, f)
 

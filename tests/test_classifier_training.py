@@ -3,11 +3,14 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from diffusers_fair.classifiers import AttributeClassifier, FaceAttributeClassifier
 from diffusers_fair.classifiers.train import (
@@ -122,3 +125,42 @@ def test_bad_arguments():
         parse_args(base + ["--attributes", "gender,hair"])
     with pytest.raises(ValueError, match="`--validation_fraction` must be in"):
         parse_args(base + ["--validation_fraction", "1.5"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the processes of this CPU test would share the GPU")
+def test_two_processes_split_each_step_and_match_one_process_with_their_joint_batch(tmp_path):
+    write_fairface_folder(tmp_path / "data", n=48)
+    tiny_dino_model(image_size=32).save_pretrained(tmp_path / "encoder")
+    flags = [
+        "--pretrained_model_name_or_path", str(tmp_path / "encoder"),
+        "--data", str(tmp_path / "data"),
+        "--labels", str(tmp_path / "data" / "labels.csv"),
+        "--num_train_epochs", "2",
+        "--learning_rate", "3e-2",
+        "--finetune_backbone",
+        "--backbone_learning_rate", "3e-3",
+        "--validation_fraction", "0.25",
+    ]  # fmt: skip
+    one = main(parse_args(flags + ["--output_dir", str(tmp_path / "one"), "--train_batch_size", "12"]))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+    launch += ["diffusers_fair.classifiers.train", *flags, "--output_dir", str(tmp_path / "two")]
+    launch += ["--train_batch_size", "6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Without ACCELERATE_USE_CPU, Accelerate on a machine without GPUs would run each process alone: refused.
+    alone = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
+    assert alone.returncode != 0 and "ACCELERATE_USE_CPU=1" in alone.stderr
+    run = subprocess.run(launch, capture_output=True, text=True, env={**env, "ACCELERATE_USE_CPU": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    # 36 training images: 3 steps per epoch of 2 x 6 images, as one process's 3 steps of 12.
+    assert one["train_steps"] == two["train_steps"] == 6
+    weights_one = load_file(tmp_path / "one" / "model.safetensors")
+    weights_two = load_file(tmp_path / "two" / "model.safetensors")
+    assert weights_one.keys() == weights_two.keys()
+    for name, value in weights_one.items():
+        # A key bias adds the same amount to every attention logit of a query: its gradient is zero up to rounding,
+        # which AdamW's normalisation turns into steps of either sign. Every other tensor must match.
+        if not name.endswith("k_proj.bias"):
+            torch.testing.assert_close(weights_two[name], value, rtol=1e-4, atol=1e-5, msg=name)

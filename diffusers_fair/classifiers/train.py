@@ -16,7 +16,6 @@ class-balanced accuracy of each attribute on a held-out validation split in `met
 
 import argparse
 import csv
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils import atomic_write_json, check_processes_joined
 from .face_attribute import FaceAttributeClassifier
 
 IGNORE_INDEX = -100  # label of an attribute that a row does not have (CrossEntropyLoss' default ignore_index)
@@ -166,7 +166,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--output_dir", "--output", dest="output_dir", required=True, help="Where the classifier goes."
     )
     parser.add_argument("--resolution", type=int, default=None, help="Input side; default: the encoder's image_size.")
-    parser.add_argument("--train_batch_size", type=int, default=32)
+    parser.add_argument("--train_batch_size", type=int, default=32, help="Images per step and process.")
     parser.add_argument("--num_train_epochs", type=int, default=1)
     parser.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="Learning rate of the heads.")
@@ -193,9 +193,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     r"""Trains, evaluates on the validation split, writes the classifier and `metrics.json`; returns the metrics."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # A finetuned encoder may hold parameters its forward pass never uses (Dinov2Model's `mask_token`), which DDP
+    # refuses unless told to look for them.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=args.finetune_backbone)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, kwargs_handlers=[ddp])
+    check_processes_joined(accelerator)
     set_seed(args.seed)
     rows = read_labels(args.labels, args.attributes, args.label_format)
     if len(rows) < 2:
@@ -219,24 +223,38 @@ def main(args: argparse.Namespace) -> dict:
         groups.append({"params": model.features.parameters(), "lr": args.backbone_learning_rate})
     optimizer = torch.optim.AdamW(groups)
     model, optimizer = accelerator.prepare(model, optimizer)
-    steps_per_epoch = math.ceil(len(splits["train"]) / args.train_batch_size)
+    # Each step takes `train_batch_size` images per process: every process draws the same permutation and flips (one
+    # seed) and keeps its share of the step's images; the gradients are averaged (the model is wrapped for DDP).
+    rank, num_processes = accelerator.process_index, accelerator.num_processes
+    if len(splits["train"]) < num_processes:
+        raise ValueError(
+            f"{len(splits['train'])} training rows cannot give each of {num_processes} processes an image: lower "
+            "`--validation_fraction` or launch fewer processes."
+        )
+    global_batch_size = args.train_batch_size * num_processes
+    steps_per_epoch = math.ceil(len(splits["train"]) / global_batch_size)
     max_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
     generator = torch.Generator().manual_seed(args.seed)
     step, losses = 0, []
     model.train()
     while step < max_steps:
         permutation = splits["train"][torch.randperm(len(splits["train"]), generator=generator).numpy()]
-        for start in range(0, len(permutation), args.train_batch_size):
-            index = permutation[start : start + args.train_batch_size]
+        for start in range(0, len(permutation), global_batch_size):
+            chunk = permutation[start : start + global_batch_size]
+            flip = torch.rand(len(chunk), generator=generator) < 0.5  # horizontal flips: faces are symmetric
+            if len(chunk) < num_processes:  # too few images left for every process to have one
+                break
+            index, flip = chunk[rank::num_processes], flip[rank::num_processes]
             batch = images[index].to(accelerator.device)
-            flip = torch.rand(len(index), generator=generator) < 0.5  # horizontal flips: faces are symmetric
             batch = torch.where(flip.view(-1, 1, 1, 1).to(batch.device), batch.flip(-1), batch)
             logits = model(batch)
             target = labels[index].to(accelerator.device)
+            # Mean over the labelled images of each attribute; an attribute with none in this batch adds zero but
+            # stays in the graph (with several processes, DDP needs every head to take part in every step).
             loss = sum(
-                F.cross_entropy(logits[a].float(), target[:, i], ignore_index=IGNORE_INDEX)
+                F.cross_entropy(logits[a].float(), target[:, i], ignore_index=IGNORE_INDEX, reduction="sum")
+                / (target[:, i] != IGNORE_INDEX).sum().clamp(min=1)
                 for i, a in enumerate(args.attributes)
-                if (target[:, i] != IGNORE_INDEX).any()
             )
             optimizer.zero_grad()
             accelerator.backward(loss)
@@ -269,8 +287,7 @@ def main(args: argparse.Namespace) -> dict:
     }
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
+        atomic_write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
     return metrics
 
 

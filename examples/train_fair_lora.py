@@ -32,7 +32,7 @@ from diffusers_fair import (
     TargetDistribution,
 )
 from diffusers_fair.audit.core import load_classifier as load_any_classifier
-from diffusers_fair.audit.core import load_clip, load_dino, looks_like_path
+from diffusers_fair.audit.core import load_clip, load_dino, looks_like_path, versions
 from diffusers_fair.faces import load_detector
 from diffusers_fair.model_card import make_model_card
 from diffusers_fair.prompts import load_prompts
@@ -588,6 +588,8 @@ def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_
             "seed",
         )
     }
+    # Float rounding differs between machines and library versions, and so does a training run's trajectory.
+    settings["software"] = ", ".join(f"{name} {version}" for name, version in versions().items())
     card = make_model_card(
         base_model=args.pretrained_model_name_or_path,
         target=target.to_string(),

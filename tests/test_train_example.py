@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import diffusers
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -154,6 +155,7 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     before = evaluation["before"]["summary"]["bias/hair"]
     assert f"{before[0]:.3f} ± {before[1]:.3f}" in card.text
+    assert f"torch {torch.__version__}, diffusers {diffusers.__version__}" in card.text
     # The validation grid: per eval prompt (2), a base row and an adapted row of 2 images with 3 attribute bars.
     assert "(validation_grid.png)" in card.text
     with Image.open(tmp_path / "validation_grid.png") as grid:

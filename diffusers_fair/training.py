@@ -393,11 +393,7 @@ def evaluate_adapters(
     """
     from .metrics import generate_images, image_features, score_images
 
-    if reference_cache is not None and any(isinstance(v, torch.Tensor) for v in generation_kwargs.values()):
-        raise ValueError(
-            "`reference_cache` keys entries by the generation settings' values, and tensors cannot be compared so: "
-            "pass `reference_cache=None` with tensor arguments such as `negative_prompt_embeds`."
-        )
+    settings = _reference_settings(reference_cache, num_images_per_prompt, seed, batch_size, generation_kwargs)
     view = AdaptedPipeline(adapters, enabled, frozen_unconditional)
     rows = []
     kwargs = {"batch_size": batch_size, "seed": seed, "progress_bar": False, **generation_kwargs}
@@ -414,7 +410,6 @@ def evaluate_adapters(
             lambda x, e=encoder: image_features(x, e, batch_size),
             lambda value, reference: torch.nn.functional.cosine_similarity(value, reference, dim=-1).mean(),
         )
-    settings = (num_images_per_prompt, seed, batch_size, repr(sorted(generation_kwargs.items())))
     for prompt in prompts:
         images = generate_images(view, [prompt], num_images_per_prompt, **kwargs)[prompt]
         row = score_images({prompt: images}, classifier).per_prompt[0]
@@ -433,6 +428,17 @@ def evaluate_adapters(
                 row[metric] = float(compare(measure(images), cached[metric, obj]))
         rows.append(row)
     return {"per_prompt": rows, "summary": summarize_per_prompt(rows)}
+
+
+def _reference_settings(reference_cache: dict | None, *settings) -> tuple:
+    """The part of a `reference_cache` key after the prompt: the settings the base model's images depend on."""
+    *plain, generation_kwargs = settings
+    if reference_cache is not None and any(isinstance(v, torch.Tensor) for v in generation_kwargs.values()):
+        raise ValueError(
+            "`reference_cache` keys entries by the generation settings' values, and tensors cannot be compared so: "
+            "pass `reference_cache=None` with tensor arguments such as `negative_prompt_embeds`."
+        )
+    return (*plain, repr(sorted(generation_kwargs.items())))
 
 
 def summarize_per_prompt(rows: Sequence[Mapping]) -> dict[str, list[float]]:
@@ -461,6 +467,7 @@ def validation_grid(
     num_images_per_prompt: int = 8,
     seed: int = 0,
     frozen_unconditional: bool = False,
+    reference_cache: dict | None = None,
     **generation_kwargs,
 ):
     r"""
@@ -475,6 +482,11 @@ def validation_grid(
         num_images_per_prompt (`int`, *optional*, defaults to 8): Images (columns) per row.
         seed (`int`, *optional*, defaults to 0): Base seed of [`~diffusers_fair.metrics.generate_images`].
         frozen_unconditional (`bool`, *optional*, defaults to `False`): See [`AdaptedPipeline`].
+        reference_cache (`dict`, *optional*):
+            Keeps the base model's rows (images and class probabilities) per prompt, `num_images_per_prompt`, `seed`,
+            generation settings and classifier, so that repeated validations generate them once. Pass the same
+            dict, initially empty, to every call (not the one given to [`evaluate_adapters`]). Generation settings
+            must then be plain values (no tensors).
         generation_kwargs: `num_inference_steps`, `guidance_scale`, `height`, `width`, ... for the pipeline.
 
     Returns:
@@ -485,12 +497,20 @@ def validation_grid(
     from .metrics import classify_images, generate_images
     from .visualization import annotated_grid
 
+    settings = _reference_settings(reference_cache, num_images_per_prompt, seed, generation_kwargs)
     rows, probabilities = [], []
     kwargs = {"seed": seed, "progress_bar": False, **generation_kwargs}
+
+    def row(enabled: bool, prompt: str) -> tuple:
+        view = AdaptedPipeline(adapters, enabled, frozen_unconditional)
+        images = generate_images(view, [prompt], num_images_per_prompt, **kwargs)[prompt]
+        return images, classify_images(images, classifier)
+
     for prompt in prompts:
-        for enabled in (False, True):
-            view = AdaptedPipeline(adapters, enabled, frozen_unconditional)
-            images = generate_images(view, [prompt], num_images_per_prompt, **kwargs)
-            rows.append(images[prompt])
-            probabilities.append(classify_images(images[prompt], classifier))
+        cache, key = {} if reference_cache is None else reference_cache, (prompt, *settings, id(classifier))
+        if key not in cache:
+            cache[key] = row(False, prompt)
+        for images, probs in (cache[key], row(True, prompt)):
+            rows.append(images)
+            probabilities.append(probs)
     return Image.fromarray(annotated_grid(rows, probabilities))

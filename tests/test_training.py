@@ -1,5 +1,6 @@
 """The library side of fair finetuning on tiny models: adaptors, saving for stock diffusers, the objective."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -16,6 +17,7 @@ from diffusers_fair.training import (
     evaluate_adapters,
     frozen_unconditional_embeds,
     summarize_per_prompt,
+    validation_grid,
 )
 
 KWARGS = {"num_inference_steps": 3, "guidance_scale": 2.0, "output_type": "pt"}
@@ -193,6 +195,32 @@ def test_reference_cache_generates_the_base_images_once_with_the_same_results(mo
     assert fresh == evaluate_adapters(adapters, prompts, classifier, 4, context, **other)
     with pytest.raises(ValueError, match="reference_cache"):
         evaluate_adapters(adapters, prompts, classifier, 4, reference_cache={}, negative_prompt_embeds=torch.zeros(1))
+
+
+def test_validation_grid_reference_cache_generates_the_base_rows_once(monkeypatch):
+    pipe, adapters = perturbed_adapters("text_encoder_lora")
+    classifier = BrightnessClassifier()
+    prompts, kwargs = ["a doctor", "a nurse"], {"num_inference_steps": 3, "guidance_scale": 2.0, "seed": 1}
+    uncached = np.asarray(validation_grid(adapters, prompts, classifier, 2, **kwargs))
+    base_calls = []
+    call = AdaptedPipeline.__call__
+
+    def counting_call(self, prompt, **call_kwargs):
+        base_calls.append(not self.enabled)
+        return call(self, prompt, **call_kwargs)
+
+    monkeypatch.setattr(AdaptedPipeline, "__call__", counting_call)
+    cache = {}
+    for _ in range(2):
+        cached = np.asarray(validation_grid(adapters, prompts, classifier, 2, reference_cache=cache, **kwargs))
+        np.testing.assert_array_equal(cached, uncached)
+    assert sum(base_calls) == len(prompts) and len(base_calls) == 3 * len(prompts)
+    # Other generation settings draw their own base rows.
+    base_calls.clear()
+    validation_grid(adapters, prompts, classifier, 2, reference_cache=cache, **{**kwargs, "num_inference_steps": 2})
+    assert sum(base_calls) == len(prompts)
+    with pytest.raises(ValueError, match="reference_cache"):
+        validation_grid(adapters, prompts, classifier, 2, reference_cache={}, negative_prompt_embeds=torch.zeros(1))
 
 
 def test_frozen_unconditional_view_guides_with_the_base_empty_prompt():

@@ -45,7 +45,7 @@ from diffusers_fair.training import (
     summarize_per_prompt,
     validation_grid,
 )
-from diffusers_fair.utils import atomic_write_json, check_processes_joined
+from diffusers_fair.utils import atomic_write, atomic_write_json, check_processes_joined
 
 logger = get_logger(__name__)
 
@@ -312,6 +312,7 @@ def main(input_args: list[str] | None = None) -> dict:
     # The semantics loss's encoders also measure how similar each adapted image stays to its original (CLIP-I, DINO).
     similarity = dict(semantics.encoders) if semantics is not None else None
     reference_cache = {}  # what evaluations measure on the base model's images, kept between them
+    grid_cache = {}  # the validation grids' base-model rows, kept between them
     train_prompts, eval_prompts = load_prompts(args.train_prompts), load_prompts(args.eval_prompts)
 
     set_seed(args.seed)  # the adaptor's initialisation
@@ -463,15 +464,16 @@ def main(input_args: list[str] | None = None) -> dict:
             accelerator.log({f"eval/{k}": v[0] for k, v in metrics["summary"].items()}, step=global_step)
             logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v[0]:.3f}" for k, v in metrics["summary"].items()))
             if accelerator.is_main_process:
-                write_validation_grid(adapters, eval_prompts, eval_classifier, args, global_step)
+                write_validation_grid(adapters, eval_prompts, eval_classifier, args, global_step, grid_cache)
 
     # 5. Final evaluation, adaptor, model card, Hub
     evaluation["after"] = run_evaluation(True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         weight_name = adapters.save_pretrained(args.output_dir)
-        grid = write_validation_grid(adapters, eval_prompts, eval_classifier, args, global_step)
-        shutil.copyfile(os.path.join(args.output_dir, grid), os.path.join(args.output_dir, "validation_grid.png"))
+        grid = write_validation_grid(adapters, eval_prompts, eval_classifier, args, global_step, grid_cache)
+        copy = functools.partial(shutil.copyfile, os.path.join(args.output_dir, grid))
+        atomic_write(os.path.join(args.output_dir, "validation_grid.png"), copy)
         atomic_write_json(os.path.join(args.output_dir, "evaluation.json"), evaluation)
         write_model_card(args, target, weight_name, evaluation, len(eval_prompts), "validation_grid.png")
         before = evaluation["before"]["summary"]
@@ -527,7 +529,7 @@ def save_checkpoint(accelerator, args, step: int) -> None:
     accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
 
 
-def write_validation_grid(adapters, eval_prompts, classifier, args, step: int) -> str:
+def write_validation_grid(adapters, eval_prompts, classifier, args, step: int, reference_cache=None) -> str:
     """Base (upper) and adapted (lower) images per validation prompt, same noise; returns the PNG's relative path."""
     grid = validation_grid(
         adapters,
@@ -536,6 +538,7 @@ def write_validation_grid(adapters, eval_prompts, classifier, args, step: int) -
         args.num_validation_images,
         seed=args.seed,
         frozen_unconditional=args.frozen_unconditional,
+        reference_cache=reference_cache,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         height=args.resolution,
@@ -543,7 +546,7 @@ def write_validation_grid(adapters, eval_prompts, classifier, args, step: int) -
     )
     path = os.path.join("validation", f"step-{step:06d}.png")
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    grid.save(os.path.join(args.output_dir, path))
+    atomic_write(os.path.join(args.output_dir, path), lambda tmp: grid.save(tmp, format="PNG"))
     return path
 
 
@@ -604,7 +607,7 @@ def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_
         eval_images_per_prompt=args.eval_images_per_prompt,
         grid=grid,
     )
-    card.save(os.path.join(args.output_dir, "README.md"))
+    atomic_write(os.path.join(args.output_dir, "README.md"), card.save)
 
 
 def push_to_hub(args) -> None:

@@ -163,13 +163,8 @@ def test_evaluate_adapters_measures_similarity_to_the_originals():
     assert unchanged["summary"]["pixels_similarity"][0] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_reference_cache_generates_the_base_images_once_with_the_same_results(monkeypatch):
-    pipe, adapters = perturbed_adapters("text_encoder_lora")
-    classifier, encoders = BrightnessClassifier(), {"pixels": Pixels()}
-    context = BrightnessClassifier({"context": ["a", "b"]})
-    context.forward = lambda images: {"context": BrightnessClassifier.forward(context, images)["brightness"]}
-    prompts, kwargs = ["a doctor", "a nurse"], {"num_inference_steps": 3, "guidance_scale": 2.0, "batch_size": 4}
-    uncached = evaluate_adapters(adapters, prompts, classifier, 4, context, similarity_encoders=encoders, **kwargs)
+def record_base_calls(monkeypatch) -> list[bool]:
+    """Patches `AdaptedPipeline.__call__` to record, per call, whether it ran the base model (adaptors disabled)."""
     base_calls = []
     call = AdaptedPipeline.__call__
 
@@ -178,6 +173,17 @@ def test_reference_cache_generates_the_base_images_once_with_the_same_results(mo
         return call(self, prompt, **call_kwargs)
 
     monkeypatch.setattr(AdaptedPipeline, "__call__", counting_call)
+    return base_calls
+
+
+def test_reference_cache_generates_the_base_images_once_with_the_same_results(monkeypatch):
+    pipe, adapters = perturbed_adapters("text_encoder_lora")
+    classifier, encoders = BrightnessClassifier(), {"pixels": Pixels()}
+    context = BrightnessClassifier({"context": ["a", "b"]})
+    context.forward = lambda images: {"context": BrightnessClassifier.forward(context, images)["brightness"]}
+    prompts, kwargs = ["a doctor", "a nurse"], {"num_inference_steps": 3, "guidance_scale": 2.0, "batch_size": 4}
+    uncached = evaluate_adapters(adapters, prompts, classifier, 4, context, similarity_encoders=encoders, **kwargs)
+    base_calls = record_base_calls(monkeypatch)
     cache = {}
     evaluated = [
         evaluate_adapters(adapters, prompts, classifier, 4, context, enabled, similarity_encoders=encoders,
@@ -202,14 +208,7 @@ def test_validation_grid_reference_cache_generates_the_base_rows_once(monkeypatc
     classifier = BrightnessClassifier()
     prompts, kwargs = ["a doctor", "a nurse"], {"num_inference_steps": 3, "guidance_scale": 2.0, "seed": 1}
     uncached = np.asarray(validation_grid(adapters, prompts, classifier, 2, **kwargs))
-    base_calls = []
-    call = AdaptedPipeline.__call__
-
-    def counting_call(self, prompt, **call_kwargs):
-        base_calls.append(not self.enabled)
-        return call(self, prompt, **call_kwargs)
-
-    monkeypatch.setattr(AdaptedPipeline, "__call__", counting_call)
+    base_calls = record_base_calls(monkeypatch)
     cache = {}
     for _ in range(2):
         cached = np.asarray(validation_grid(adapters, prompts, classifier, 2, reference_cache=cache, **kwargs))

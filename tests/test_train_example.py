@@ -241,7 +241,8 @@ def test_two_processes_train_on_the_same_prompts_with_their_own_noise(tmp_path, 
     assert len(state) == len(load_file(tmp_path / "pytorch_lora_weights.safetensors"))
     assert all(value.isfinite().all() for value in state.values())
     # Resumed where only the main process sees the saved evaluation (nodes without a shared output folder): the
-    # processes follow the main one's decision, reuse its evaluation and finish (they used to deadlock).
+    # processes follow the main one's decision, reuse its evaluation and finish (their collectives used to mismatch,
+    # and the run crashed).
     hidden = {**env, "ACCELERATE_USE_CPU": "1", "HIDE_SAVED_EVALUATION": "1"}
     resumed = subprocess.run(command + ["--resume_from_checkpoint", "latest"], capture_output=True, text=True,
                              env=hidden, timeout=600)  # fmt: skip

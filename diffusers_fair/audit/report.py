@@ -3,7 +3,6 @@
 import csv
 import html
 import io
-import json
 import math
 import os
 from dataclasses import asdict
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from ..metrics import mean_std, score_predictions
-from ..utils import atomic_write_text
+from ..utils import atomic_write_json, atomic_write_text
 from ..visualization import PALETTE, annotated_grid
 
 
@@ -215,7 +214,7 @@ def write_markdown(report: dict, path: str) -> None:
 
 def write_report(report: dict, output: str, config, grid_images: int = 8) -> None:
     """Writes `report.json`, `report.csv`, `report.md`, the plots, the grids and `index.html` into `output`."""
-    atomic_write_text(os.path.join(output, "report.json"), json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(os.path.join(output, "report.json"), report)
     write_csv(report, os.path.join(output, "report.csv"))
     write_markdown(report, os.path.join(output, "report.md"))
     plots = write_plots(report, os.path.join(output, "plots"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 
 
@@ -29,6 +30,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_folder(folder: str | os.PathLike, write: Callable[[str], None]) -> None:
+    r"""
+    Writes a folder through a temporary one beside it (`folder + ".tmp"`), then puts it in the place of `folder`.
+
+    Args:
+        folder (`str` or `os.PathLike`): The folder to write; missing parent folders are created.
+        write (`Callable[[str], None]`): Writes the folder's complete contents into the (existing, empty) temporary
+            folder it is given.
+
+    A write that was killed leaves only the temporary folder, which the next write of `folder` clears; `folder` is
+    either absent or complete. Replacing an existing `folder` removes it first, so between that removal and the
+    rename it is briefly absent.
+    """
+    folder = os.fspath(folder)
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

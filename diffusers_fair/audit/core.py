@@ -4,7 +4,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -14,7 +13,7 @@ import torch
 
 from .. import __version__
 from ..metrics import classify_images, clip_text_similarity, generate_images, image_similarity, score_predictions
-from ..utils import atomic_save_file, atomic_write_json
+from ..utils import atomic_save_file, atomic_write_folder, atomic_write_json
 
 CONFIG_FILE = "audit.json"
 CACHE_DIR = "cache"
@@ -355,13 +354,11 @@ def load_images(output: str, model: str, index: int, count: int) -> torch.Tensor
 def _save_images(images_uint8: torch.Tensor, folder: str) -> None:
     from PIL import Image
 
-    partial = folder + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    for j, image in enumerate(images_uint8.permute(0, 2, 3, 1).numpy()):
-        Image.fromarray(image).save(os.path.join(partial, f"{j:04d}.png"))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+    def write(tmp: str) -> None:
+        for j, image in enumerate(images_uint8.permute(0, 2, 3, 1).numpy()):
+            Image.fromarray(image).save(os.path.join(tmp, f"{j:04d}.png"))
+
+    atomic_write_folder(folder, write)
 
 
 def _save_record(tensors: dict[str, torch.Tensor], path: str, prompt: str) -> None:

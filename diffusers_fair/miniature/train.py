@@ -57,7 +57,7 @@ from transformers import (
 )
 
 from ..semantics import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-from ..utils import atomic_write_json
+from ..utils import atomic_write_folder, atomic_write_json
 from .models import MiniatureClassifier, make_clip, make_dino, make_unet, make_vae
 from .tokenizer import build_tokenizer
 from .world import ATTRIBUTE_WORDS, ATTRIBUTES, OCCUPATION_NAMES, TEMPLATES, attribute_caption, sample_dataset
@@ -148,14 +148,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _save_atomically(final_dir: str, write: Callable[[str], None]) -> None:
-    tmp_dir = final_dir + ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    write(tmp_dir)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    os.replace(tmp_dir, final_dir)
-
-
 def _write_card(folder: str, title: str, body: str, args: argparse.Namespace, metrics: dict) -> None:
     lines = [f"# {title}", "", body.strip(), "", "## How it was made", "", f"`{args.command}` (seed {args.seed}).", ""]
     lines += ["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in metrics.items()] + [""]
@@ -171,7 +163,7 @@ def _save_with_processor(out_dir: str, model, processor, title: str, body: str, 
         processor.save_pretrained(folder)
         _write_card(folder, title, body, args, metrics)
 
-    _save_atomically(out_dir, write)
+    atomic_write_folder(out_dir, write)
 
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -280,7 +272,7 @@ def train_vae(args, data, stage_dir: str) -> dict:
         mse = F.mse_loss(_vae_round_trip(vae, data.images[:1024]), data.images[:1024]).item()
     scaling_factor = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling_factor)
-    _save_atomically(stage_dir, lambda d: vae.save_pretrained(d))
+    atomic_write_folder(stage_dir, lambda d: vae.save_pretrained(d))
     return {"vae_psnr_db": round(10 * math.log10(1.0 / mse), 2), "scaling_factor": round(scaling_factor, 4)}
 
 
@@ -391,7 +383,7 @@ biases on purpose: it is the model the library's fairness finetuning is demonstr
         pipeline.save_pretrained(folder, safe_serialization=True)
         _write_card(folder, "Miniature Stable Diffusion (diffusers-fair)", body, args, metrics)
 
-    _save_atomically(out_dir, write)
+    atomic_write_folder(out_dir, write)
     return metrics
 
 
@@ -587,7 +579,7 @@ classes. Trained on the miniature world's renders and their VAE round-trips. Loa
             model.save_pretrained(folder)
             _write_card(folder, title, body, args, metrics)
 
-        _save_atomically(folder, write)
+        atomic_write_folder(folder, write)
         timings[f"{name}_s"] = round(time.time() - t, 1)
 
     return summary, timings

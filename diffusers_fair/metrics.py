@@ -58,6 +58,130 @@ def deviation_from_target(frequencies, target_probs) -> float:
     return float(0.5 * (freqs - target).abs().sum())
 
 
+def _checked_probabilities(name: str, probabilities) -> torch.Tensor:
+    probs = torch.as_tensor(probabilities, dtype=torch.float64).flatten()
+    if probs.numel() < 2:
+        raise ValueError(f"`{name}` needs at least two classes, got {probs.numel()}.")
+    if (probs < 0).any() or abs(float(probs.sum()) - 1.0) > 1e-6:
+        raise ValueError(
+            f"`{name}` must be non-negative and sum to 1, got {probs.tolist()} (sum {float(probs.sum()):.6g})."
+        )
+    return probs
+
+
+def _log_factorials(num_images) -> torch.Tensor:
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"`num_images` must be a positive integer (images per prompt), got {num_images!r}.")
+    return torch.lgamma(torch.arange(num_images + 1, dtype=torch.float64) + 1)
+
+
+def expected_bias(num_images: int, probabilities) -> float:
+    r"""
+    The [`bias_score`] that a model whose attribute follows `probabilities` exactly measures, on average, at
+    `num_images` images per prompt: `E[bias_score(counts / num_images)]` with `counts ~ Multinomial(num_images,
+    probabilities)`.
+
+    Frequencies measured on a finite sample scatter around the model's own, so even an exactly balanced model measures
+    a positive bias: 0.140 for a binary attribute at 32 images per prompt, 0.099 at 64, 0.050 at 256. A measured
+    bias is to be read against this floor, not against 0. Exact (no sampling): each pair's term depends only on the
+    two classes' counts, which are trinomial; `O(K^2 num_images^2)` operations.
+
+    Args:
+        num_images (`int`): Images per prompt that are classified (at least 1).
+        probabilities (`Sequence[float]` or `torch.Tensor` of shape `(K,)`): The model's class probabilities, `K >= 2`,
+            summing to 1 (uniform for a balanced model, the target's for a model exactly on target).
+
+    Returns:
+        `float` in `[0, 1]`.
+    """
+    probs = _checked_probabilities("probabilities", probabilities)
+    log_factorial = _log_factorials(num_images)
+    n = num_images
+    counts = torch.arange(n + 1, dtype=torch.float64)
+    rows_per_chunk = max(1, 2**20 // (n + 1))
+    pairs = list(itertools.combinations(range(probs.numel()), 2))
+    total = 0.0
+    for i, j in pairs:
+        p, q = probs[i], probs[j]
+        rest = (1 - p - q).clamp_min(0)
+        for start in range(0, n + 1, rows_per_chunk):
+            a = counts[start : start + rows_per_chunk, None]  # the count of class i
+            b = counts[None, :]  # the count of class j
+            c = (n - a - b).clamp_min(0)  # the other classes' count; cells with a + b > n have no mass
+            log_pmf = (
+                log_factorial[n]
+                - log_factorial[a.long()]
+                - log_factorial[b.long()]
+                - log_factorial[c.long()]
+                + torch.xlogy(a, p)
+                + torch.xlogy(b, q)
+                + torch.xlogy(c, rest)
+            )
+            pmf = torch.where(a + b <= n, log_pmf.exp(), 0.0)
+            total += float((pmf * (a - b).abs()).sum())
+    return total / (n * len(pairs))
+
+
+def expected_deviation(num_images: int, target_probs) -> float:
+    r"""
+    The [`deviation_from_target`] that a model exactly on target measures, on average, at `num_images` images per
+    prompt: `E[0.5 * sum_k |counts_k / num_images - target_k|]` with `counts ~ Multinomial(num_images, target_probs)`
+    (see [`expected_bias`]). Exact: each class's count is binomial.
+
+    Args:
+        num_images (`int`): Images per prompt that are classified (at least 1).
+        target_probs (`Sequence[float]` or `torch.Tensor` of shape `(K,)`):
+            Target probabilities, `K >= 2`, summing to 1.
+
+    Returns:
+        `float` in `[0, 1]`.
+    """
+    probs = _checked_probabilities("target_probs", target_probs)
+    log_factorial = _log_factorials(num_images)
+    n = num_images
+    counts = torch.arange(n + 1, dtype=torch.float64)
+    total = 0.0
+    for p in probs:
+        log_pmf = (
+            log_factorial[n]
+            - log_factorial
+            - log_factorial.flip(0)
+            + torch.xlogy(counts, p)
+            + torch.xlogy(n - counts, (1 - p).clamp_min(0))
+        )
+        total += float((log_pmf.exp() * (counts / n - p).abs()).sum())
+    return 0.5 * total
+
+
+def sampling_floor(
+    attributes: Mapping[str, Sequence[str]], num_images: int, target_distribution=None
+) -> dict[str, float]:
+    r"""
+    What an ideal model measures at `num_images` images per prompt: for every group that [`score_predictions`] scores,
+    `bias/<group>` of a model that follows the target's probabilities for the group ([`expected_bias`]), or is
+    balanced where the target has none, and `deviation/<group>` of a model exactly on target ([`expected_deviation`]).
+
+    Args:
+        attributes (`dict[str, list[str]]`): The scored attributes and their class names.
+        num_images (`int`): Images per prompt that are classified.
+        target_distribution ([`TargetDistribution`], *optional*): The target; without it every group is balanced.
+
+    Returns:
+        `dict[str, float]`: metric name (as in [`score_predictions`]'s rows) -> its expected value.
+    """
+    floors = {}
+    for name, (group_attributes, target) in _groups(attributes, target_distribution).items():
+        if target is None:
+            num_cells = 1
+            for a in group_attributes:
+                num_cells *= len(attributes[a])
+            floors[f"bias/{name}"] = expected_bias(num_images, [1.0 / num_cells] * num_cells)
+        else:
+            floors[f"bias/{name}"] = expected_bias(num_images, target)
+            floors[f"deviation/{name}"] = expected_deviation(num_images, target)
+    return floors
+
+
 def mean_std(values) -> tuple[float, float]:
     r"""
     Mean and standard deviation (population, `ddof=0`) of per-prompt values, as the paper's tables report them.

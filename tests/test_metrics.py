@@ -8,9 +8,12 @@ from tiny_models import tiny_clip_model, tiny_clip_tokenizer, tiny_dino_model
 from diffusers_fair import AttributeClassifier, TargetDistribution, bias_score, evaluate
 from diffusers_fair.metrics import (
     deviation_from_target,
+    expected_bias,
+    expected_deviation,
     generate_images,
     image_similarity,
     mean_std,
+    sampling_floor,
     score_images,
 )
 
@@ -49,6 +52,71 @@ def test_deviation_from_target_and_mean_std():
         deviation_from_target([0.5, 0.5], [0.2, 0.3, 0.5])
     with pytest.raises(ValueError, match="`target_probs` must be non-negative and sum to 1"):
         deviation_from_target([0.5, 0.5], [0.2, 0.3])
+
+
+def _compositions(n, k):
+    if k == 1:
+        yield (n,)
+        return
+    for first in range(n + 1):
+        for rest in _compositions(n - first, k - 1):
+            yield (first, *rest)
+
+
+@pytest.mark.parametrize("probabilities", [[0.1, 0.2, 0.3, 0.4], [0.25] * 4, [0.5, 0.0, 0.5], [0.7, 0.3]])
+def test_expected_bias_and_deviation_match_enumeration(probabilities):
+    # Every count vector of 7 images, weighted by its multinomial probability, scored by the plain metrics.
+    n = 7
+    mean_bias = mean_deviation = 0.0
+    for counts in _compositions(n, len(probabilities)):
+        weight = math.factorial(n)
+        for count, p in zip(counts, probabilities):
+            weight *= p**count / math.factorial(count)
+        freqs = [c / n for c in counts]
+        mean_bias += weight * bias_score(freqs)
+        mean_deviation += weight * deviation_from_target(freqs, probabilities)
+    assert expected_bias(n, probabilities) == pytest.approx(mean_bias, abs=1e-12)
+    assert expected_deviation(n, probabilities) == pytest.approx(mean_deviation, abs=1e-12)
+
+
+def test_expected_bias_binary_closed_form_and_limits():
+    for n in (32, 33):  # E|2 k / n - 1| for k ~ Binomial(n, 1/2), in exact integer arithmetic
+        exact = sum(math.comb(n, k) * abs(2 * k - n) for k in range(n + 1)) / (n * 2**n)
+        assert expected_bias(n, [0.5, 0.5]) == pytest.approx(exact, rel=1e-12)
+    assert expected_bias(32, [0.5, 0.5]) == pytest.approx(0.1400, abs=1e-4)
+    # Large n: the normal approximation E|Z| / sqrt(n) = sqrt(2 / (pi n)).
+    assert expected_bias(1024, [0.5, 0.5]) == pytest.approx(math.sqrt(2 / (math.pi * 1024)), rel=2e-3)
+    for k in (2, 4, 8):  # one image is one class: bias 2 / K whatever the probabilities
+        assert expected_bias(1, [1.0 / k] * k) == pytest.approx(2 / k)
+    assert expected_bias(50, [1.0, 0.0]) == pytest.approx(1.0)
+    assert expected_deviation(50, [1.0, 0.0]) == pytest.approx(0.0, abs=1e-12)
+    assert expected_bias(64, [0.25] * 4) < expected_bias(32, [0.25] * 4)
+
+
+def test_sampling_floor_groups():
+    attributes = {"hair": ["short", "long"], "skin": ["a", "b", "c", "d"]}
+    target = TargetDistribution.from_string("hair=short:0.75,long:0.25")
+    floors = sampling_floor(attributes, 32, target)
+    assert set(floors) == {"bias/hair", "deviation/hair", "bias/skin"}
+    assert floors["bias/hair"] == pytest.approx(expected_bias(32, [0.75, 0.25]))
+    assert floors["deviation/hair"] == pytest.approx(expected_deviation(32, [0.75, 0.25]))
+    assert floors["bias/skin"] == pytest.approx(expected_bias(32, [0.25] * 4))  # outside the target: balanced
+    joint = sampling_floor(attributes, 16, TargetDistribution.from_string("hair,skin=uniform", attributes))
+    assert joint["bias/hair,skin"] == pytest.approx(expected_bias(16, [1 / 8] * 8))
+    assert sampling_floor(attributes, 16) == {
+        "bias/hair": expected_bias(16, [0.5] * 2),
+        "bias/skin": joint["bias/skin"],
+    }
+
+
+def test_expected_bias_errors():
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="`num_images` must be a positive integer"):
+            expected_bias(bad, [0.5, 0.5])
+    with pytest.raises(ValueError, match="`probabilities` needs at least two classes"):
+        expected_bias(4, [1.0])
+    with pytest.raises(ValueError, match="`target_probs` must be non-negative and sum to 1"):
+        expected_deviation(4, [0.6, 0.6])
 
 
 class _ToyPipeline:

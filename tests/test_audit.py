@@ -12,7 +12,14 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from diffusers_fair.audit import core, parse_args, run_audit
-from diffusers_fair.metrics import bias_score, classify_images, clip_text_similarity, image_similarity
+from diffusers_fair.metrics import (
+    bias_score,
+    classify_images,
+    clip_text_similarity,
+    expected_bias,
+    expected_deviation,
+    image_similarity,
+)
 from diffusers_fair.miniature import load_classifier, load_clip, load_dino, load_pipeline, sample_dataset
 
 torch.set_num_threads(1)
@@ -105,7 +112,9 @@ def test_report_files(finished_audit):
     assert float(rows[1]["bias/skin"]) == report["prompts"][1]["attributes"]["skin"]["bias"]
     with open(os.path.join(output, "report.md"), encoding="utf-8") as f:
         markdown = f.read()
-    assert report["summary_table"] in markdown and "| base |" in markdown
+    assert report["summary_table"] in markdown and "| base |" in markdown and "| sampling floor | 0.50 |" in markdown
+    # 3 images per prompt: E|2 k / 3 - 1| = 1/2 for k ~ Binomial(3, 1/2)
+    assert report["sampling_floor"]["base"]["bias/hair"] == pytest.approx(0.5)
     with open(os.path.join(output, "index.html"), encoding="utf-8") as f:
         page = f.read()
     assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
@@ -238,6 +247,8 @@ def test_face_detector_excludes_images_without_a_face(monkeypatch, tmp_path):
         == (torch.bincount(predicted, minlength=2) / 2).tolist()
     )
     assert report["summary"]["base"]["num_no_face"]["mean"] == 1.0
+    # the sampling floor counts the two images with a face: E|2 k / 2 - 1| = 1/2 for k ~ Binomial(2, 1/2)
+    assert report["sampling_floor"]["base"]["bias/hair"] == pytest.approx(0.5)
     # the classifier saw the largest face, cropped to the image's side: recompute from the saved PNGs
     from diffusers_fair.faces import crop_faces
 
@@ -258,6 +269,12 @@ def test_target_adds_deviation(tmp_path):
     expected = 0.5 * (abs(age["frequencies"]["young"] - 0.75) + abs(age["frequencies"]["old"] - 0.25))
     assert age["deviation"] == pytest.approx(expected)
     assert "deviation" not in report["prompts"][0]["attributes"]["hair"]
+    floor = report["sampling_floor"]["base"]
+    assert floor["deviation/age"] == pytest.approx(expected_deviation(3, [0.75, 0.25]))
+    assert floor["bias/age"] == pytest.approx(expected_bias(3, [0.75, 0.25]))
+    assert floor["bias/skin"] == pytest.approx(expected_bias(3, [0.25] * 4)) and "deviation/skin" not in floor
+    floor_row = next(line for line in report["summary_table"].splitlines() if line.startswith("| sampling floor |"))
+    assert f"{floor['deviation/age']:.2f}" in floor_row
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 import csv
 import html
 import io
+import json
 import math
 import os
 from dataclasses import asdict
@@ -10,7 +11,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from ..metrics import mean_std, score_predictions
+from ..metrics import mean_std, sampling_floor, score_predictions
 from ..utils import atomic_write_json, atomic_write_text
 from ..visualization import PALETTE, annotated_grid
 
@@ -76,7 +77,9 @@ def build_report(config, records: dict[str, list[dict]], classifier_attributes, 
     Returns:
         `dict` (JSON-serialisable): `"prompts"` (per prompt `{"prompt", "attributes": ...}`, or `{"prompt",
         "models": {model: ...}}` when several models are compared), `"summary"` (model -> metric -> mean / sd over
-        prompts, as the paper's Table 1), `"summary_table"` (Markdown), the arguments and versions.
+        prompts, as the paper's Table 1), `"sampling_floor"` (model -> metric -> what a model exactly on target, or
+        balanced, measures on average with the images each prompt counted: [`~diffusers_fair.metrics.sampling_floor`],
+        averaged over prompts), `"summary_table"` (Markdown), the arguments and versions.
     """
     attributes = {a: list(classifier_attributes[a]) for a in config.attributes}
     models = list(records)
@@ -103,6 +106,18 @@ def build_report(config, records: dict[str, list[dict]], classifier_attributes, 
         for metric in metrics:
             mean, sd = mean_std([r.get(metric, float("nan")) for r in rows[model]])
             summary[model][metric] = {"mean": _finite(mean), "sd": _finite(sd)}
+    floors = {}  # counted images -> what an ideal model measures on that many
+    sampling_floors = {}
+    for model in models:
+        per_prompt = []
+        for entry in entries[model]:
+            counted = entry["num_images"] - entry.get("num_no_face", 0)
+            if counted > 0:
+                if counted not in floors:
+                    floors[counted] = sampling_floor(attributes, counted, target)
+                per_prompt.append(floors[counted])
+        metrics = per_prompt[0] if per_prompt else {}
+        sampling_floors[model] = {m: _finite(mean_std([f[m] for f in per_prompt])[0]) for m in metrics}
     arguments = asdict(config)
     arguments["num_prompts"] = len(arguments.pop("prompts"))
     report = {
@@ -114,6 +129,7 @@ def build_report(config, records: dict[str, list[dict]], classifier_attributes, 
         "target": None if target is None else target.to_string(),
         "models": models,
         "summary": summary,
+        "sampling_floor": sampling_floors,
         "prompts": prompts,
     }
     report["summary_table"] = summary_table(report)
@@ -136,18 +152,36 @@ def _format(stat: dict) -> str:
     return f"{stat['mean']:.2f} ± {stat['sd']:.2f}"
 
 
-def summary_table(report: dict) -> str:
-    """The summary as a Markdown table: one row per model, `mean ± sd` over prompts (the paper's Table 1 form)."""
+def _summary_rows(report: dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The summary's metrics and rows (label, cells): one row per model, then the sampling floor."""
     metrics = []
     for stats in report["summary"].values():
         metrics += [m for m in stats if m not in metrics]
+    rows = [
+        (model, [_format(stats[m]) if m in stats else "" for m in metrics])
+        for model, stats in report["summary"].items()
+    ]
+    floors = report.get("sampling_floor", {})
+    distinct = {json.dumps(floor, sort_keys=True) for floor in floors.values()}
+    for model, floor in floors.items():
+        label = "sampling floor" if len(distinct) == 1 else f"sampling floor ({model})"
+        rows.append((label, [f"{floor[m]:.2f}" if floor.get(m) is not None else "" for m in metrics]))
+        if len(distinct) == 1:
+            break
+    return metrics, rows
+
+
+def summary_table(report: dict) -> str:
+    """
+    The summary as a Markdown table: one row per model, `mean ± sd` over prompts (the paper's Table 1 form), and the
+    sampling floor: what a model exactly on target (or balanced) measures on average at this many images per prompt.
+    """
+    metrics, rows = _summary_rows(report)
     lines = [
         "| model | " + " | ".join(_metric_title(m) for m in metrics) + " |",
         "| --- |" + " --- |" * len(metrics),
     ]
-    for model, stats in report["summary"].items():
-        cells = [_format(stats[m]) if m in stats else "" for m in metrics]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
     return "\n".join(lines)
 
 
@@ -202,7 +236,9 @@ def write_markdown(report: dict, path: str) -> None:
         + f"; {args['num_prompts']} prompts (`{args['prompt_set']}`), {args['num_images_per_prompt']} images each, "
         f"{args['num_inference_steps']} steps, guidance {args['guidance_scale']}, seed {args['seed']}; attributes "
         f"read by `{args['classifier']}`. Bias: mean absolute difference of class frequencies per prompt (0 is "
-        "balanced); values are mean ± sd over prompts.",
+        "balanced); values are mean ± sd over prompts. The sampling floor is what a model whose attributes follow "
+        "the target (balanced where there is none) measures on average at this many images per prompt: a measured "
+        "value near it is as low as this sample can show.",
         "",
         report["summary_table"],
         "",
@@ -329,14 +365,11 @@ img { image-rendering: pixelated; max-width: 100%; } .models { color: #555; font
 
 
 def _summary_html(report: dict) -> str:
-    metrics = []
-    for stats in report["summary"].values():
-        metrics += [m for m in stats if m not in metrics]
+    metrics, rows = _summary_rows(report)
     head = "".join(f"<th>{html.escape(_metric_title(m))}</th>" for m in metrics)
     body = ""
-    for model, stats in report["summary"].items():
-        cells = "".join(f"<td>{html.escape(_format(stats[m]) if m in stats else '')}</td>" for m in metrics)
-        body += f"<tr><th>{html.escape(model)}</th>{cells}</tr>"
+    for label, cells in rows:
+        body += f"<tr><th>{html.escape(label)}</th>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
     return f"<table><tr><th>model</th>{head}</tr>{body}</table>"
 
 

@@ -30,6 +30,7 @@ def make_model_card(
     num_eval_prompts: int = 0,
     eval_images_per_prompt: int = 0,
     grid: str | None = None,
+    sampling_floor: Mapping[str, float] | None = None,
     license: str = "apache-2.0",
     title: str | None = None,
 ) -> ModelCard:
@@ -48,6 +49,9 @@ def make_model_card(
         eval_classifier (`str`, *optional*): The evaluation classifier (defaults to `classifier`).
         num_eval_prompts (`int`), eval_images_per_prompt (`int`): The evaluation's size.
         grid (`str`, *optional*): Relative path of the validation grid image.
+        sampling_floor (`dict[str, float]`, *optional*): Metric name -> what a model exactly on target measures on
+            average at `eval_images_per_prompt` images per prompt ([`~diffusers_fair.metrics.sampling_floor`]); adds
+            a column.
         license (`str`, *optional*, defaults to `"apache-2.0"`): The card's license.
         title (`str`, *optional*): The card's heading.
 
@@ -58,8 +62,14 @@ def make_model_card(
     if hidden:
         raise ValueError(f"`settings` must not contain credentials, got {hidden}.")
     names = list(dict.fromkeys([*metrics_before, *metrics_after]))
+    floor = sampling_floor or {}
     rows = [
-        {"name": name, "before": _format(metrics_before.get(name)), "after": _format(metrics_after.get(name))}
+        {
+            "name": name,
+            "before": _format(metrics_before.get(name)),
+            "after": _format(metrics_after.get(name)),
+            "floor": _format(floor[name]) if name in floor else "",
+        }
         for name in names
     ]
     card_data = ModelCardData(library_name="diffusers", base_model=base_model, license=license, tags=TAGS)
@@ -80,6 +90,7 @@ def make_model_card(
         num_eval_prompts=num_eval_prompts,
         eval_images_per_prompt=eval_images_per_prompt,
         metric_rows=rows,
+        has_floor=any(name in floor for name in names),
         settings=list(settings.items()),
         usage=usage,
         grid=grid,

@@ -34,6 +34,7 @@ from diffusers_fair import (
 from diffusers_fair.audit.core import load_classifier as load_any_classifier
 from diffusers_fair.audit.core import load_clip, load_dino, looks_like_path, versions
 from diffusers_fair.faces import load_detector
+from diffusers_fair.metrics import sampling_floor
 from diffusers_fair.model_card import make_model_card
 from diffusers_fair.prompts import load_prompts
 from diffusers_fair.training import (
@@ -190,7 +191,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
     if args.validation_steps is None:
         args.validation_steps = args.max_train_steps
-    for name in ("validation_steps", "num_validation_images", "checkpointing_steps", "train_batch_size"):
+    positive = ("validation_steps", "num_validation_images", "checkpointing_steps", "train_batch_size")
+    for name in (*positive, "images_per_prompt", "eval_images_per_prompt"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be positive, got {getattr(args, name)}.")
     if args.classifier is None:
@@ -308,6 +310,10 @@ def main(input_args: list[str] | None = None) -> dict:
     eval_classifier = (
         classifier if eval_name == args.classifier else load_classifier(eval_name, args).to(device).eval()
     )
+    try:  # what a model exactly on target measures with this many images: the lowest bias the evaluation can show
+        floor = sampling_floor(eval_classifier.attributes, args.eval_images_per_prompt, target)
+    except ValueError as error:
+        raise ValueError(f"`--eval_classifier` {eval_name!r} cannot measure the target: {error}") from error
     context_classifier = load_classifier(args.context_classifier, args).to(device) if args.context_classifier else None
     # The semantics loss's encoders also measure how similar each adapted image stays to its original (CLIP-I, DINO).
     similarity = dict(semantics.encoders) if semantics is not None else None
@@ -468,6 +474,7 @@ def main(input_args: list[str] | None = None) -> dict:
 
     # 5. Final evaluation, adaptor, model card, Hub
     evaluation["after"] = run_evaluation(True)
+    evaluation["sampling_floor"] = {k: v for k, v in floor.items() if k in evaluation["after"]["summary"]}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         weight_name = adapters.save_pretrained(args.output_dir)
@@ -479,7 +486,8 @@ def main(input_args: list[str] | None = None) -> dict:
         before = evaluation["before"]["summary"]
         for name, (mean, sd) in evaluation["after"]["summary"].items():
             start = f"{before[name][0]:.3f} ± {before[name][1]:.3f} -> " if name in before else ""
-            logger.info(f"{name} on the eval prompts: {start}{mean:.3f} ± {sd:.3f}")
+            end = f" (sampling floor {floor[name]:.3f})" if name in floor else ""
+            logger.info(f"{name} on the eval prompts: {start}{mean:.3f} ± {sd:.3f}{end}")
         if args.push_to_hub:
             push_to_hub(args)
     accelerator.end_training()
@@ -606,6 +614,7 @@ def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_
         num_eval_prompts=num_eval_prompts,
         eval_images_per_prompt=args.eval_images_per_prompt,
         grid=grid,
+        sampling_floor=evaluation["sampling_floor"],
     )
     atomic_write(os.path.join(args.output_dir, "README.md"), card.save)
 

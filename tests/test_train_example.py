@@ -52,7 +52,7 @@ def assert_same_classes_as_the_script(adapted, evaluation):
 @pytest.mark.parametrize("finetune", ["text_encoder_lora", "unet_lora", "text_encoder_and_unet_lora", "prompt_prefix"])
 def test_two_steps_per_mode_write_an_adaptor_stock_diffusers_reproduces(finetune, tmp_path, eval_prompts):
     evaluation = train.main(tiny_run(tmp_path, eval_prompts, "--finetune", finetune))
-    assert set(evaluation) == {"before", "after"}
+    assert set(evaluation) == {"before", "after", "sampling_floor"}
     assert "bias/hair" in evaluation["after"]["summary"] and "context_kept" in evaluation["after"]["summary"]
     weight_name = "learned_embeds.safetensors" if finetune == "prompt_prefix" else "pytorch_lora_weights.safetensors"
     assert {weight_name, "README.md", "evaluation.json", "evaluation_before.json"} <= set(os.listdir(tmp_path))
@@ -153,9 +153,12 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
     assert card.data.library_name == "diffusers" and "fairness" in card.data.tags
     assert card.data.base_model == "miniature"
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
-    before = evaluation["before"]["summary"]["bias/hair"]
+    before, after = evaluation["before"]["summary"]["bias/hair"], evaluation["after"]["summary"]["bias/hair"]
     assert f"{before[0]:.3f} ± {before[1]:.3f}" in card.text
     assert f"torch {torch.__version__}, diffusers {diffusers.__version__}" in card.text
+    # 2 evaluation images per prompt: a balanced model measures E|2 k / 2 - 1| = 1/2 for k ~ Binomial(2, 1/2)
+    assert evaluation["sampling_floor"]["bias/hair"] == pytest.approx(0.5)
+    assert "| sampling floor |" in card.text and f"| {after[0]:.3f} ± {after[1]:.3f} | 0.500 |" in card.text
     # The validation grid: per eval prompt (2), a base row and an adapted row of 2 images with 3 attribute bars.
     assert "(validation_grid.png)" in card.text
     with Image.open(tmp_path / "validation_grid.png") as grid:
@@ -180,6 +183,8 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
         (["--num_validation_images", "0"], "num_validation_images"),
         (["--validation_steps", "0"], "validation_steps"),
         (["--train_batch_size", "0"], "train_batch_size"),
+        (["--eval_images_per_prompt", "0"], "eval_images_per_prompt"),
+        (["--eval_classifier", "miniature-context"], "--eval_classifier.*cannot measure the target.*'hair'"),
     ],
 )
 def test_bad_flags_give_clear_errors(flags, message, tmp_path, eval_prompts):

@@ -14,7 +14,7 @@ _import_structure = {
     "alignment": ["DistributionalAlignmentLoss", "expected_ot_targets"],
     "semantics": ["ImageSemanticsLoss"],
     "classifiers": ["AttributeClassifier", "CLIPZeroShotClassifier"],
-    "metrics": ["bias_score", "evaluate"],
+    "metrics": ["bias_score", "evaluate", "expected_bias", "sampling_floor"],
 }
 
 _name_to_module = {name: module for module, names in _import_structure.items() for name in names}
@@ -24,7 +24,7 @@ __all__ = sorted(_name_to_module)
 if TYPE_CHECKING:
     from .alignment import DistributionalAlignmentLoss, expected_ot_targets
     from .classifiers import AttributeClassifier, CLIPZeroShotClassifier
-    from .metrics import bias_score, evaluate
+    from .metrics import bias_score, evaluate, expected_bias, sampling_floor
     from .pipeline_fair_stable_diffusion import FairStableDiffusionPipeline, FairStableDiffusionPipelineOutput
     from .scheduling_biased_gradient import BiasedGradientScheduler
     from .semantics import ImageSemanticsLoss

@@ -5,15 +5,13 @@ import pytest
 import torch
 from tiny_models import tiny_clip_model, tiny_clip_tokenizer, tiny_dino_model
 
-from diffusers_fair import AttributeClassifier, TargetDistribution, bias_score, evaluate
+from diffusers_fair import AttributeClassifier, TargetDistribution, bias_score, evaluate, expected_bias, sampling_floor
 from diffusers_fair.metrics import (
     deviation_from_target,
-    expected_bias,
     expected_deviation,
     generate_images,
     image_similarity,
     mean_std,
-    sampling_floor,
     score_images,
 )
 

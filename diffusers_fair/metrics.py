@@ -9,6 +9,17 @@ import torch
 import torch.nn.functional as F
 
 
+def _checked_probabilities(name: str, probabilities) -> torch.Tensor:
+    probs = torch.as_tensor(probabilities, dtype=torch.float64).flatten()
+    if probs.numel() < 2:
+        raise ValueError(f"`{name}` needs at least two classes, got {probs.numel()}.")
+    if (probs < 0).any() or abs(float(probs.sum()) - 1.0) > 1e-6:
+        raise ValueError(
+            f"`{name}` must be non-negative and sum to 1, got {probs.tolist()} (sum {float(probs.sum()):.6g})."
+        )
+    return probs
+
+
 def bias_score(frequencies) -> float:
     r"""
     The paper's per-prompt bias: the mean over class pairs `i < j` of `|freq(i) - freq(j)|`.
@@ -20,13 +31,7 @@ def bias_score(frequencies) -> float:
     Returns:
         `float` in `[0, 1]`: 0 for a uniform distribution, 1 when a binary attribute takes one class only.
     """
-    freqs = torch.as_tensor(frequencies, dtype=torch.float64).flatten()
-    if freqs.numel() < 2:
-        raise ValueError(f"`frequencies` needs at least two classes, got {freqs.numel()}.")
-    if (freqs < 0).any() or abs(float(freqs.sum()) - 1.0) > 1e-6:
-        raise ValueError(
-            f"`frequencies` must be non-negative and sum to 1, got {freqs.tolist()} (sum {float(freqs.sum())})."
-        )
+    freqs = _checked_probabilities("frequencies", frequencies)
     pairs = list(itertools.combinations(range(freqs.numel()), 2))
     return float(sum(abs(freqs[i] - freqs[j]) for i, j in pairs) / len(pairs))
 
@@ -44,35 +49,21 @@ def deviation_from_target(frequencies, target_probs) -> float:
     Returns:
         `float` in `[0, 1]`: 0 when the frequencies equal the target.
     """
-    freqs = torch.as_tensor(frequencies, dtype=torch.float64).flatten()
-    target = torch.as_tensor(target_probs, dtype=torch.float64).flatten()
+    freqs = _checked_probabilities("frequencies", frequencies)
+    target = _checked_probabilities("target_probs", target_probs)
     if freqs.shape != target.shape:
         raise ValueError(
             f"`frequencies` has {freqs.numel()} classes but `target_probs` has {target.numel()}; give one per class."
         )
-    for name, values in (("frequencies", freqs), ("target_probs", target)):
-        if (values < 0).any() or abs(float(values.sum()) - 1.0) > 1e-6:
-            raise ValueError(
-                f"`{name}` must be non-negative and sum to 1, got {values.tolist()} (sum {float(values.sum()):.6g})."
-            )
     return float(0.5 * (freqs - target).abs().sum())
 
 
-def _checked_probabilities(name: str, probabilities) -> torch.Tensor:
-    probs = torch.as_tensor(probabilities, dtype=torch.float64).flatten()
-    if probs.numel() < 2:
-        raise ValueError(f"`{name}` needs at least two classes, got {probs.numel()}.")
-    if (probs < 0).any() or abs(float(probs.sum()) - 1.0) > 1e-6:
-        raise ValueError(
-            f"`{name}` must be non-negative and sum to 1, got {probs.tolist()} (sum {float(probs.sum()):.6g})."
-        )
-    return probs
-
-
-def _log_factorials(num_images) -> torch.Tensor:
+def _sample_counts(num_images) -> tuple[torch.Tensor, torch.Tensor]:
+    """The possible counts `0..num_images` of a class among `num_images` images, and their log-factorials."""
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"`num_images` must be a positive integer (images per prompt), got {num_images!r}.")
-    return torch.lgamma(torch.arange(num_images + 1, dtype=torch.float64) + 1)
+    counts = torch.arange(num_images + 1, dtype=torch.float64)
+    return counts, torch.lgamma(counts + 1)
 
 
 def expected_bias(num_images: int, probabilities) -> float:
@@ -95,9 +86,8 @@ def expected_bias(num_images: int, probabilities) -> float:
         `float` in `[0, 1]`.
     """
     probs = _checked_probabilities("probabilities", probabilities)
-    log_factorial = _log_factorials(num_images)
+    counts, log_factorial = _sample_counts(num_images)
     n = num_images
-    counts = torch.arange(n + 1, dtype=torch.float64)
     rows_per_chunk = max(1, 2**20 // (n + 1))
     pairs = list(itertools.combinations(range(probs.numel()), 2))
     total = 0.0
@@ -137,9 +127,8 @@ def expected_deviation(num_images: int, target_probs) -> float:
         `float` in `[0, 1]`.
     """
     probs = _checked_probabilities("target_probs", target_probs)
-    log_factorial = _log_factorials(num_images)
+    counts, log_factorial = _sample_counts(num_images)
     n = num_images
-    counts = torch.arange(n + 1, dtype=torch.float64)
     total = 0.0
     for p in probs:
         log_pmf = (

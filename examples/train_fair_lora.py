@@ -191,8 +191,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
     if args.validation_steps is None:
         args.validation_steps = args.max_train_steps
-    positive = ("validation_steps", "num_validation_images", "checkpointing_steps", "train_batch_size")
-    for name in (*positive, "images_per_prompt", "eval_images_per_prompt"):
+    for name in (
+        "validation_steps",
+        "num_validation_images",
+        "checkpointing_steps",
+        "train_batch_size",
+        "images_per_prompt",
+        "eval_images_per_prompt",
+    ):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be positive, got {getattr(args, name)}.")
     if args.classifier is None:

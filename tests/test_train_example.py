@@ -183,7 +183,8 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
         (["--num_validation_images", "0"], "num_validation_images"),
         (["--validation_steps", "0"], "validation_steps"),
         (["--train_batch_size", "0"], "train_batch_size"),
-        (["--eval_images_per_prompt", "0"], "eval_images_per_prompt"),
+        (["--images_per_prompt", "0"], "`--images_per_prompt` must be positive"),
+        (["--eval_images_per_prompt", "0"], "`--eval_images_per_prompt` must be positive"),
         (["--eval_classifier", "miniature-context"], "--eval_classifier.*cannot measure the target.*'hair'"),
     ],
 )

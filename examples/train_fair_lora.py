@@ -278,18 +278,6 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(json.dumps([seed, *keys]).encode()))
 
 
-def prompt_picks(seed: int, first: int, count: int, num_prompts: int) -> list[int]:
-    """
-    The run's prompts `first .. first + count - 1`: passes over all prompts, each in its own seeded shuffle (a shuffled
-    DataLoader's order, without its state), so every prompt is drawn equally often and a resumed run draws the same.
-    """
-    picks = []
-    for position in range(first, first + count):
-        epoch, index = divmod(position, num_prompts)
-        picks.append(int(torch.randperm(num_prompts, generator=step_generator(seed, -1, epoch))[index]))
-    return picks
-
-
 def main(input_args: list[str] | None = None) -> dict:
     args = parse_args(input_args)
     accelerator = Accelerator(
@@ -425,11 +413,10 @@ def main(input_args: list[str] | None = None) -> dict:
         start = time.perf_counter()
         logs = {}
         for micro in range(args.gradient_accumulation_steps):
-            # Every process trains on the same prompts (they depend on the step only), each with its own noise: the
-            # gathered transport then aligns one prompt's images from all processes.
+            # Every process trains on the same prompts (key 0), each with its own noise: the gathered transport then
+            # aligns one prompt's images from all processes.
             order = step_generator(args.seed, global_step, micro, 0)
-            first = (global_step * args.gradient_accumulation_steps + micro) * args.train_batch_size
-            picks = prompt_picks(args.seed, first, args.train_batch_size, len(train_prompts))
+            picks = torch.randint(len(train_prompts), (args.train_batch_size,), generator=order).tolist()
             steps = args.num_inference_steps + int(
                 torch.randint(
                     -args.num_inference_steps_jitter, args.num_inference_steps_jitter + 1, (1,), generator=order

@@ -193,14 +193,6 @@ def test_bad_flags_give_clear_errors(flags, message, tmp_path, eval_prompts):
         train.main(tiny_run(tmp_path, eval_prompts) + flags)
 
 
-def test_prompt_picks_draw_every_prompt_equally_often():
-    picks = [p for step in range(5) for p in train.prompt_picks(0, 4 * step, 4, 10)]  # 5 steps x 4 of 10 prompts
-    assert sorted(picks[:10]) == sorted(picks[10:]) == list(range(10))  # two whole passes
-    assert picks[:10] != picks[10:]  # each pass in its own order
-    assert train.prompt_picks(0, 8, 4, 10) == picks[8:12]  # stateless: a resumed run draws the same prompts
-    assert train.prompt_picks(1, 0, 10, 10) != picks[:10]
-
-
 def test_unknown_flag_is_refused(tmp_path, eval_prompts, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(tiny_run(tmp_path, eval_prompts, "--output_type", "pil"))

@@ -3,7 +3,6 @@
 import csv
 import html
 import io
-import json
 import math
 import os
 from dataclasses import asdict
@@ -162,12 +161,13 @@ def _summary_rows(report: dict) -> tuple[list[str], list[tuple[str, list[str]]]]
         for model, stats in report["summary"].items()
     ]
     floors = report.get("sampling_floor", {})
-    distinct = {json.dumps(floor, sort_keys=True) for floor in floors.values()}
-    for model, floor in floors.items():
-        label = "sampling floor" if len(distinct) == 1 else f"sampling floor ({model})"
+    values = list(floors.values())
+    if values and all(floor == values[0] for floor in values):  # one row when every model counted the same images
+        labelled = [("sampling floor", values[0])]
+    else:
+        labelled = [(f"sampling floor ({model})", floor) for model, floor in floors.items()]
+    for label, floor in labelled:
         rows.append((label, [f"{floor[m]:.2f}" if floor.get(m) is not None else "" for m in metrics]))
-        if len(distinct) == 1:
-            break
     return metrics, rows
 
 

@@ -34,12 +34,15 @@ def tiny_clip_tokenizer() -> CLIPTokenizer:
             if pieces[0] not in vocab:
                 vocab.append(pieces[0])
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tempfile.mkdtemp(prefix="tiny-clip-tokenizer-")
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({token: i for i, token in enumerate(vocab)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
+    # The tokenizer reads both files when it is built, so the folder can go right after (no leak per test).
+    with tempfile.TemporaryDirectory(prefix="tiny-clip-tokenizer-") as folder:
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump({token: i for i, token in enumerate(vocab)}, f)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+        return CLIPTokenizer(
+            os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77
+        )
 
 
 def tiny_components(

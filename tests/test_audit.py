@@ -4,6 +4,7 @@ recompute, refusal to mix arguments, and bad input that leaves nothing behind.""
 import csv
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -195,9 +196,10 @@ def test_lora_and_base_share_noise_and_clip_i_and_dino_are_against_the_base(mini
     dino_folder = str(tmp_path / "dino")
     tiny_dino_model().save_pretrained(dino_folder)
     output = str(tmp_path / "out")
-    args = [*FAST, "--max-prompts", "1", "--lora", miniature_lora, "--compare-base", "--clip", "miniature"]
+    lora = shutil.copytree(miniature_lora, tmp_path / "fair-v1.0")  # a `.` cannot be in a peft adapter name
+    args = [*FAST, "--max-prompts", "1", "--lora", str(lora), "--compare-base", "--clip", "miniature"]
     report = run_audit(parse_args([*args, "--dino", dino_folder, "--output", output]))
-    name = os.path.basename(miniature_lora)
+    name = "fair-v1-0"
     assert report["models"] == ["base", name]
     entry = report["prompts"][0]
     assert set(entry["models"]) == {"base", name}

@@ -74,10 +74,13 @@ class AuditConfig:
 
     @property
     def model_names(self) -> list[str]:
-        """The audited models in order: `"base"` (without LoRAs or with `compare_base`), then one per LoRA."""
+        """
+        The audited models in order: `"base"` (without LoRAs or with `compare_base`), then one per LoRA, named after
+        its folder. A name is also the LoRA's peft adapter name, which cannot hold a `.`: "fair-v1.0" -> "fair-v1-0".
+        """
         names, taken = [], {BASE}
         for path in self.loras:
-            stem = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(os.path.normpath(path))).strip("-.") or "lora"
+            stem = re.sub(r"[^A-Za-z0-9_-]+", "-", os.path.basename(os.path.normpath(path))).strip("-") or "lora"
             name, k = stem, 2
             while name in taken:
                 name, k = f"{stem}-{k}", k + 1

@@ -17,7 +17,7 @@ from torch import nn
 from .alignment import DistributionalAlignmentLoss
 from .pipeline_fair_stable_diffusion import adapters_disabled
 from .semantics import ImageSemanticsLoss
-from .utils import atomic_save_file
+from .utils import atomic_save_file, atomic_write
 
 FINETUNE_MODES = ("text_encoder_lora", "unet_lora", "text_encoder_and_unet_lora", "prompt_prefix")
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -101,6 +101,9 @@ class FairAdapters:
         `learned_embeds.safetensors`, one multi-vector textual-inversion token:
         `pipe.load_textual_inversion(save_directory, weight_name="learned_embeds.safetensors")`, then prefix every
         prompt with the token (see [`~FairAdapters.apply_prompt`]).
+
+        Either file is written through a temporary one renamed over it, so a crash or kill mid-write leaves the
+        previous adaptor (or none), never a truncated file.
         """
         os.makedirs(save_directory, exist_ok=True)
         if self.finetune == "prompt_prefix":
@@ -113,7 +116,13 @@ class FairAdapters:
             state = get_peft_model_state_dict(getattr(self.pipeline, name))
             layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
             metadata[f"{name}_lora_adapter_metadata"] = config.to_dict()
-        type(self.pipeline).save_lora_weights(save_directory, safe_serialization=True, **layers, **metadata)
+        # Through a temporary file renamed over the old one: a kill mid-write never leaves a truncated adaptor.
+        atomic_write(
+            os.path.join(save_directory, LORA_WEIGHTS_NAME),
+            lambda tmp: type(self.pipeline).save_lora_weights(
+                save_directory, weight_name=os.path.basename(tmp), safe_serialization=True, **layers, **metadata
+            ),
+        )
         return LORA_WEIGHTS_NAME
 
 

@@ -53,6 +53,31 @@ def test_saved_adaptor_reproduces_the_model_in_stock_diffusers(mode, tmp_path):
     assert (finetuned - base).abs().max() > 1e-3  # the adaptor does change the model
 
 
+@pytest.mark.parametrize("mode", ["text_encoder_lora", "prompt_prefix"])
+def test_a_save_that_fails_mid_write_keeps_the_previous_adaptor(mode, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    pipe, adapters = perturbed_adapters(mode)
+    weight_name = adapters.save_pretrained(tmp_path)
+    saved = safetensors.torch.load_file(tmp_path / weight_name)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.add_(1.0)
+
+    def truncated_write(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", truncated_write)
+    with pytest.raises(OSError, match="disk full"):
+        adapters.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    kept = safetensors.torch.load_file(tmp_path / weight_name)
+    assert kept.keys() == saved.keys() and all(torch.equal(kept[k], saved[k]) for k in saved)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [weight_name]
+
+
 @pytest.mark.parametrize("mode", FINETUNE_MODES)
 def test_adapter_state_round_trips_and_only_adaptors_train(mode, tmp_path):
     pipe, adapters = perturbed_adapters(mode)

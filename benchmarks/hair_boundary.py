@@ -2,30 +2,39 @@ r"""
 Why the adaptors shorten hair more readily than they lengthen it (miniature world): where the classifiers put the
 `short` / `long` boundary, what reaching it costs in the semantics loss, and where adapted images end up.
 
-    python benchmarks/hair_boundary.py [--pairs 4] [--lora DIR [DIR ...]] [--images 32] [--threads 1]
+    python benchmarks/hair_boundary.py [--pairs 4] [--classifiers train eval] [--lora DIR [DIR ...]] [--images 32]
 
-Part 1, on renders (about 30 s on one thread). Each pair is one person drawn twice with the same seed, with `short` and with
-`long` hair: the two images differ only in the rows of hair that fall below the cap to the shoulders. The path
-between them grows the long hair row by row from the top (row `k` of `n`: the long image's first `k` differing rows,
-the short image's below them). Printed for each `k`, averaged over the pairs: the probability of `long` under the
-train classifier (the one the alignment loss trains against) and the eval classifier, the train classifier's logit
-margin (`long` minus `short`), and the semantics loss's distance (miniature CLIP + DINO, `sum (1 - cos)`, as
-`ImageSemanticsLoss` computes it) to each end. Then the cost of a flip: per pair, the pixels changed and the semantics
-distance from the short image to the first image the classifier reads `long`, against those from the long image to
-the last one it reads `short`.
+Part 1, on renders (about 40 s on one thread). Each pair is one person drawn twice with the same seed, with `short`
+and with `long` hair: the two images differ only in the rows of hair that fall below the cap to the shoulders. The
+path between them grows the long hair row by row from the top (row `k` of `n`: the long image's first `k` differing
+rows, the short image's below them). Printed for each `k`, averaged over the pairs: each classifier's probability of
+`long` and logit margin (`long` minus `short`; `train` is the classifier the alignment loss trains against), and the
+semantics loss's distance (miniature CLIP + DINO, `sum (1 - cos)`, as `ImageSemanticsLoss` computes it) to each
+end. Then the cost of a flip: per pair, the pixels changed and the semantics distance from the short image to the
+first image the classifier reads `long`, against those from the long image to the last one it reads `short`. Last,
+the direction of each classifier's input gradient at either end, which is where the alignment loss moves the pixels.
 
 Part 2, with `--lora` (about 1 min per adaptor on one thread). For each adaptor folder, the held-out occupations'
 images with and without it from the same noise (8 steps, guidance 3, as the demo trains and evaluates), grouped by the
-base model's majority: the fraction of images in four bands of the train classifier's margin (`< -10` is a clear
-`short`, `-10..0` a `short` the classifier reads as less certain) and the eval classifier's `long` fraction.
+base model's majority: the fraction of images in four bands of the shipped train classifier's margin (`< -10` is a
+clear `short`, `-10..0` a `short` the classifier reads as less certain) and the eval classifier's `long` fraction.
 """
 
 import argparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from diffusers_fair.miniature import OCCUPATIONS, OCCUPATIONS_HELDOUT, load_classifier, load_clip, load_dino, render
+from diffusers_fair import AttributeClassifier
+from diffusers_fair.miniature import (
+    OCCUPATIONS,
+    OCCUPATIONS_HELDOUT,
+    hair_growth,
+    load_classifier,
+    load_clip,
+    load_dino,
+)
 from diffusers_fair.semantics import ImageSemanticsLoss
 
 SKINS = ("light", "medium", "tan", "dark")
@@ -38,6 +47,12 @@ def parse_args(input_args=None):
         description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--pairs", type=int, default=4, help="Pairs (seeds) per occupation in part 1.")
+    parser.add_argument(
+        "--classifiers",
+        nargs="+",
+        default=["train", "eval"],
+        help="Part 1's classifiers: 'train', 'eval' (the shipped ones) or AttributeClassifier folders.",
+    )
     parser.add_argument("--lora", nargs="*", default=[], help="Adaptor folders of train_fair_lora.py (part 2).")
     parser.add_argument("--images", type=int, default=32, help="Images per held-out occupation in part 2.")
     parser.add_argument("--threads", type=int, default=1)
@@ -48,22 +63,12 @@ def parse_args(input_args=None):
 
 
 def hair_paths(pairs_per_occupation):
-    """Per pair, the images `(n + 1, 3, 32, 32)` from short (row 0) to long (row n), growing the hair row by row."""
-    paths = []
-    for index, occupation in enumerate(OCCUPATIONS):
-        for pair in range(pairs_per_occupation):
-            seed, skin, age = 1000 * index + pair, SKINS[pair % 4], ("young", "old")[pair % 2]
-            short, long = render(occupation, "short", skin, age, seed), render(occupation, "long", skin, age, seed)
-            rows = torch.nonzero((short != long).any(dim=(0, 2))).flatten().tolist()
-            steps = [short]
-            for row in rows:  # the long image's rows down to `row`, the short image's below
-                image = steps[-1].clone()
-                image[:, row] = long[:, row]
-                steps.append(image)
-            if not torch.equal(steps[-1], long):
-                raise RuntimeError("The short and long renders of one seed must differ only in whole rows of hair.")
-            paths.append(torch.stack(steps))
-    return paths
+    """Per pair, the images `(n + 1, 3, 32, 32)` from short (0) to long (n), growing the hair row by row."""
+    return [
+        hair_growth(occupation, SKINS[pair % 4], ("young", "old")[pair % 2], 1000 * index + pair)
+        for index, occupation in enumerate(OCCUPATIONS)
+        for pair in range(pairs_per_occupation)
+    ]
 
 
 def part_1(args, classifiers, semantics):
@@ -72,14 +77,14 @@ def part_1(args, classifiers, semantics):
     if len(lengths) != 1:
         raise RuntimeError(f"Pairs differ in their number of hair rows ({sorted(lengths)}); cannot average by row.")
     probs = {name: [] for name in classifiers}
-    margins, to_short, to_long, changed = [], [], [], []
+    margins = {name: [] for name in classifiers}
+    to_short, to_long, changed = [], [], []
     with torch.no_grad():
         for path in paths:
             for name, classifier in classifiers.items():
                 logits = classifier(path)["hair"]
                 probs[name].append(logits.softmax(-1)[:, 1].numpy())
-                if name == "train":
-                    margins.append((logits[:, 1] - logits[:, 0]).numpy())
+                margins[name].append((logits[:, 1] - logits[:, 0]).numpy())
             _, d_short = semantics(path, path[:1].expand_as(path))
             _, d_long = semantics(path, path[-1:].expand_as(path))
             to_short.append(sum(d_short.values()).numpy())
@@ -90,8 +95,8 @@ def part_1(args, classifiers, semantics):
     header = f"{'rows of long hair grown':<30}" + "".join(f"{k:>6d}" for k in range(n + 1))
     print(header)
     for name in classifiers:
-        print(f"{'P(long), ' + name + ' classifier':<30}" + "".join(f"{v:6.2f}" for v in np.mean(probs[name], 0)))
-    print(f"{'margin, train classifier':<30}" + "".join(f"{v:6.1f}" for v in np.mean(margins, 0)))
+        print(f"{'P(long), ' + name:<30}" + "".join(f"{v:6.2f}" for v in np.mean(probs[name], 0)))
+        print(f"{'margin, ' + name:<30}" + "".join(f"{v:6.1f}" for v in np.mean(margins[name], 0)))
     # 1 - cos of an image with itself can round to -0.000.
     print(f"{'distance to the short image':<30}" + "".join(f"{v:6.3f}" for v in np.maximum(np.mean(to_short, 0), 0)))
     print(f"{'distance to the long image':<30}" + "".join(f"{v:6.3f}" for v in np.maximum(np.mean(to_long, 0), 0)))
@@ -116,6 +121,28 @@ def part_1(args, classifiers, semantics):
             f"  {name} classifier: reads `long` from row {first.mean():.1f} of {n} (sd {first.std():.1f}, "
             f"{len(flips)} pairs). To the flip, lengthening changes {pixels_up:.0f} pixels at a semantics distance "
             f"of {lengthen:.3f}, shortening {pixels_down:.0f} pixels at {shorten:.3f} ({lengthen / shorten:.1f}x)."
+        )
+
+    print(
+        "\nWhere each classifier's gradient points at either end (the alignment loss moves pixels along it): its "
+        "cosine with the change to the other end, and the share of its energy on the pixels that change (the hair):"
+    )
+    for name, classifier in classifiers.items():
+        cosines, shares = {"short": [], "long": []}, {"short": [], "long": []}
+        for path in paths:
+            change = path[-1] - path[0]  # short -> long
+            hair = (change != 0).any(dim=0)
+            for end, image, sign in (("short", path[0], 1.0), ("long", path[-1], -1.0)):
+                image = image[None].clone().requires_grad_(True)
+                logits = classifier(image)["hair"]
+                (gradient,) = torch.autograd.grad(sign * (logits[0, 1] - logits[0, 0]), image)
+                energy = gradient[0].pow(2).sum(dim=0)
+                cosines[end].append(F.cosine_similarity(gradient.flatten(), sign * change.flatten(), dim=0).item())
+                shares[end].append((energy[hair].sum() / energy.sum()).item())
+        print(
+            f"  {name}: at the short image, towards `long`: cosine {np.mean(cosines['short']):.2f}, "
+            f"{np.mean(shares['short']):.0%} on the hair; at the long image, towards `short`: cosine "
+            f"{np.mean(cosines['long']):.2f}, {np.mean(shares['long']):.0%} on the hair"
         )
 
 
@@ -167,11 +194,15 @@ def part_2(args, classifiers):
 def main(input_args=None):
     args = parse_args(input_args)
     torch.set_num_threads(args.threads)
-    classifiers = {kind: load_classifier(kind).eval() for kind in ("train", "eval")}
+    shipped = {kind: load_classifier(kind).eval() for kind in ("train", "eval")}
+    classifiers = {
+        name: shipped[name] if name in shipped else AttributeClassifier.from_pretrained(name).eval()
+        for name in args.classifiers
+    }
     semantics = ImageSemanticsLoss({"clip": load_clip()[0], "dino": load_dino()})
     part_1(args, classifiers, semantics)
     if args.lora:
-        part_2(args, classifiers)
+        part_2(args, shipped)
 
 
 if __name__ == "__main__":

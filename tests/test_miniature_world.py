@@ -11,6 +11,7 @@ from diffusers_fair.miniature import (
     OCCUPATIONS_HELDOUT,
     OCCUPATIONS_TRAIN,
     TEMPLATES,
+    hair_growth,
     render,
     sample_dataset,
 )
@@ -55,6 +56,22 @@ def test_render_hair_length_and_grey_hair_are_visible():
         assert hair.min() > 0.6 and hair.max() - hair.min() < 0.1
         assert long[patch].mean() < 0.5
 
+
+
+def test_hair_growth_goes_row_by_row_from_the_short_render_to_the_long_one():
+    for index, occupation in enumerate(OCCUPATIONS[::7]):
+        path = hair_growth(occupation, "dark", "old", generator=index)
+        assert path.shape == (16, 3, 32, 32)
+        assert torch.equal(path[0], render(occupation, "short", "dark", "old", generator=index))
+        assert torch.equal(path[-1], render(occupation, "long", "dark", "old", generator=index))
+        rows = []
+        for before, after in zip(path[:-1], path[1:]):
+            changed = torch.nonzero((before != after).any(dim=0).any(dim=1)).flatten().tolist()
+            assert len(changed) == 1  # one more row of hair per image
+            rows.append(changed[0])
+        assert rows == sorted(rows)  # from the top down
+    generator = np.random.default_rng(3)
+    assert torch.equal(hair_growth("nurse", "tan", "young", generator), hair_growth("nurse", "tan", "young", 3))
 
 @pytest.mark.parametrize(
     "kwargs, match",

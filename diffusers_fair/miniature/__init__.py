@@ -26,6 +26,7 @@ from .world import (
     Occupation,
     attribute_caption,
     get_occupation,
+    hair_growth,
     render,
     sample_dataset,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "attribute_caption",
     "get_occupation",
+    "hair_growth",
     "load_classifier",
     "load_clip",
     "load_dino",

@@ -6,6 +6,7 @@ race and age, not depictions of them. Each occupation has a visible context (a b
 accessory) so that semantics preservation can be measured, and its own attribute distributions.
 """
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,6 +278,41 @@ def render(
     image += rng.normal(0.0, 0.025, image.shape).astype(np.float32)
     return torch.from_numpy(np.clip(image, 0.0, 1.0).transpose(2, 0, 1).copy())
 
+
+
+def hair_growth(
+    occupation: str | Occupation,
+    skin: str,
+    age: str,
+    generator: np.random.Generator | int | None = None,
+) -> torch.Tensor:
+    r"""
+    One person's hair grown row by row, from `short` to `long`: images the world never samples, to probe how
+    classifiers read in-between hair and to teach them to.
+
+    The person is rendered twice from the same random draws, with `short` and with `long` hair; the two images differ
+    only in the rows of hair below the cap. Image `k` has the long image's first `k` of those rows (from the top)
+    and the short image's rows below them.
+
+    Args:
+        occupation (`str` or `Occupation`), skin (`str`), age (`str`): as in [`render`].
+        generator (`numpy.random.Generator` or `int`, *optional*): as in [`render`]; both renders use the same draws.
+
+    Returns:
+        `torch.Tensor` of shape `(n + 1, 3, 32, 32)`: image 0 is `render(..., hair="short")`, image `n` is
+        `render(..., hair="long")`, each for the same draws; `n` is the number of rows the long hair adds (15).
+    """
+    rng = generator if isinstance(generator, np.random.Generator) else np.random.default_rng(generator)
+    long_rng = copy.deepcopy(rng)
+    short = render(occupation, "short", skin, age, rng)
+    long = render(occupation, "long", skin, age, long_rng)
+    rows = torch.nonzero((short != long).any(dim=2).any(dim=0)).flatten().tolist()
+    images = [short]
+    for row in rows:
+        image = images[-1].clone()
+        image[:, row] = long[:, row]
+        images.append(image)
+    return torch.stack(images)
 
 def attribute_caption(occupation: str | Occupation, template: int | str = 0, attribute_word: str | None = None) -> str:
     """A caption, optionally naming an attribute: `"a photo of the face of a long-haired nurse, a person"`."""

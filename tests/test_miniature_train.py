@@ -17,7 +17,16 @@ from diffusers_fair.miniature import (
     load_pipeline,
     sample_dataset,
 )
-from diffusers_fair.miniature.train import CAPTIONS, draw_captions, main, min_snr_weights, parse_args
+from diffusers_fair.miniature.train import (
+    CAPTIONS,
+    HAIR_MIDPOINT,
+    HAIR_SCALE,
+    draw_captions,
+    hair_growth_dataset,
+    main,
+    min_snr_weights,
+    parse_args,
+)
 from diffusers_fair.miniature.world import ATTRIBUTE_WORDS, TEMPLATES
 
 torch.set_num_threads(1)
@@ -36,6 +45,20 @@ def test_parse_args_budgets_and_errors():
         parse_args(["--output_dir", "x", "--attribute_word_probability", "1.5"])
     with pytest.raises(ValueError, match="--clip_caption_attribute_weight"):
         parse_args(["--output_dir", "x", "--clip_caption_attribute_weight", "-0.5"])
+    with pytest.raises(ValueError, match="--hair_growth_fraction"):
+        parse_args(["--output_dir", "x", "--hair_growth_fraction", "-0.1"])
+
+
+def test_hair_growth_dataset_has_graded_hair_labels():
+    data = hair_growth_dataset(64, seed=5)
+    assert data.images.shape == (64, 3, 32, 32) and data.labels["skin"].shape == data.labels["age"].shape == (64,)
+    hair = data.labels["hair"]
+    assert hair.shape == (64, 2) and torch.allclose(hair.sum(dim=1), torch.ones(64))
+    grown = torch.arange(1, 15, dtype=torch.float64)
+    allowed = torch.sigmoid((grown - HAIR_MIDPOINT) / HAIR_SCALE).float()
+    assert all(torch.isclose(allowed, p).any() for p in hair[:, 1])  # one of the 14 in-between lengths each
+    assert len(set(hair[:, 1].tolist())) > 5
+    assert torch.equal(hair_growth_dataset(64, seed=5).images, data.images)
 
 
 def test_draw_captions_name_true_attributes_at_the_given_rate():
@@ -119,3 +142,14 @@ def test_quick_training_end_to_end_is_reproducible_and_loadable(tmp_path):
     shutil.rmtree(tmp_path / "a" / "clip")
     again = main(["--output_dir", str(tmp_path / "a"), *args[:-1], "1"])
     assert set(again["timings"]) == {"clip_s", "total_s"} and (tmp_path / "a" / "clip" / "model.safetensors").is_file()
+
+    # By default the train classifier also saw in-between hair (half as many people again); without them it differs.
+    card = tmp_path / "a" / "classifier-train" / "README.md"
+    assert "52 people with in-between hair" in card.read_text()
+    before = load_file(tmp_path / "a" / "classifier-train" / "model.safetensors")
+    shutil.rmtree(tmp_path / "a" / "classifier-train")
+    again = main(["--output_dir", str(tmp_path / "a"), *args[:-1], "1", "--hair_growth_fraction", "0"])
+    assert set(again["timings"]) == {"classifier-train_s", "total_s"}
+    after = load_file(tmp_path / "a" / "classifier-train" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert "in-between" not in card.read_text()

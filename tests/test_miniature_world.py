@@ -57,7 +57,6 @@ def test_render_hair_length_and_grey_hair_are_visible():
         assert long[patch].mean() < 0.5
 
 
-
 def test_hair_growth_goes_row_by_row_from_the_short_render_to_the_long_one():
     for index, occupation in enumerate(OCCUPATIONS[::7]):
         path = hair_growth(occupation, "dark", "old", generator=index)
@@ -72,6 +71,7 @@ def test_hair_growth_goes_row_by_row_from_the_short_render_to_the_long_one():
         assert rows == sorted(rows)  # from the top down
     generator = np.random.default_rng(3)
     assert torch.equal(hair_growth("nurse", "tan", "young", generator), hair_growth("nurse", "tan", "young", 3))
+
 
 @pytest.mark.parametrize(
     "kwargs, match",

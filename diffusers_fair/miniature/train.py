@@ -9,7 +9,8 @@ finished ones, so a crash loses at most the stage in progress):
 1. `DIR/clip`: a tiny `CLIPModel` + `CLIPProcessor` trained contrastively on the world's images and captions, and
    `DIR/.stages/vae`: the `AutoencoderKL` (32x32x3 <-> 8x8x4), its `scaling_factor` measured on the data.
 2. `DIR/classifier-train`, `DIR/classifier-eval`: independent attribute classifiers (other seed, architecture and
-   augmentation), trained on clean renders and their VAE round-trips; `DIR/classifier-context`: the occupation
+   augmentation), trained on clean renders and their VAE round-trips (the train one also on people with in-between
+   hair and graded `hair` labels, `--hair_growth_fraction`); `DIR/classifier-context`: the occupation
    classifier that measures whether the context is preserved; and `DIR/pipeline`: the U-Net trained on the VAE
    latents (DDPM, epsilon prediction, Min-SNR weights, a fresh caption each time an image is drawn, 10% empty
    captions for classifier-free guidance, EMA) under CLIP's text tower as the frozen text encoder, as Stable
@@ -60,7 +61,17 @@ from ..semantics import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..utils import atomic_write_folder, atomic_write_json
 from .models import MiniatureClassifier, make_clip, make_dino, make_unet, make_vae
 from .tokenizer import build_tokenizer
-from .world import ATTRIBUTE_WORDS, ATTRIBUTES, OCCUPATION_NAMES, TEMPLATES, attribute_caption, sample_dataset
+from .world import (
+    ATTRIBUTE_WORDS,
+    ATTRIBUTES,
+    OCCUPATION_NAMES,
+    OCCUPATIONS,
+    TEMPLATES,
+    MiniatureDataset,
+    attribute_caption,
+    hair_growth,
+    sample_dataset,
+)
 
 COMPANIONS = ["classifier-train", "classifier-eval", "classifier-context", "clip", "dino"]
 # name: (full budget, --quick budget)
@@ -72,6 +83,14 @@ BUDGETS = {
     "clip_steps": (600, 5),
     "dino_steps": (600, 5),
 }
+# The train classifier also sees in-between hair (`hair_growth`), labelled `long` with
+# probability sigmoid((k - HAIR_MIDPOINT) / HAIR_SCALE) for `k` of the 15 rows grown. The midpoint is about where
+# classifiers trained on the renders alone read `long` (rows 12-13: `benchmarks/hair_boundary.py`), so the alignment
+# loss is not credited for less hair than the eval classifier counts; the grading gives a short-haired image a
+# gradient towards growing hair, which such classifiers hardly do, and the demo's adaptors then lengthen hair more
+# (model_cards/README.md, "Why lengthening stalls"). `--hair_growth_fraction` sets how many such people it sees.
+HAIR_MIDPOINT = 11.5
+HAIR_SCALE = 1.5
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -114,6 +133,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "weighted by min(SNR, gamma) / SNR, so that low-noise timesteps do not dominate; 0 turns it off.",
     )
     parser.add_argument(
+        "--hair_growth_fraction",
+        type=float,
+        default=0.5,
+        help="The train classifier also learns in-between hair: this many extra people per render (0.5, the "
+        "default: half as many again), their hair grown part of the way, with graded `hair` labels "
+        "(`hair_growth_dataset`). 0: renders only, as the eval classifier.",
+    )
+    parser.add_argument(
         "--init_pipeline",
         default=None,
         help="Continue training the U-Net of a pipeline folder written by this script (its VAE and frozen text "
@@ -138,6 +165,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         )
     if args.snr_gamma < 0:
         raise ValueError(f"`--snr_gamma` must be >= 0 (0: no weighting), got {args.snr_gamma}.")
+    if args.hair_growth_fraction < 0:
+        raise ValueError(f"`--hair_growth_fraction` must be >= 0 (0: renders only), got {args.hair_growth_fraction}.")
     if args.init_pipeline is not None and not os.path.isfile(os.path.join(args.init_pipeline, "model_index.json")):
         raise ValueError(f"`--init_pipeline` {args.init_pipeline!r} is not a pipeline folder (no model_index.json).")
     for name, (full, quick) in BUDGETS.items():
@@ -512,6 +541,39 @@ semantics loss run through the same code as real CLIP. Normalise images with CLI
     return metrics
 
 
+def hair_growth_dataset(num_images: int, seed: int) -> MiniatureDataset:
+    r"""
+    People with in-between hair for the train classifier: each a random occupation, skin tone and age, its hair grown
+    [`hair_growth`] a random `k` of the 15 rows (1 to 14).
+
+    Returns:
+        [`MiniatureDataset`] whose `labels["hair"]` are `(N, 2)` probabilities of `short` / `long`,
+        `sigmoid((k - HAIR_MIDPOINT) / HAIR_SCALE)` for `long`; `skin` and `age` are class indices; no captions.
+    """
+    rng = np.random.default_rng(seed)
+    images, hair, skin, age, occupations = [], [], [], [], []
+    for _ in range(num_images):
+        occupation, skin_index, age_index = (int(rng.integers(n)) for n in (len(OCCUPATIONS), 4, 2))
+        path = hair_growth(OCCUPATIONS[occupation], ATTRIBUTES["skin"][skin_index], ATTRIBUTES["age"][age_index], rng)
+        rows = int(rng.integers(1, len(path) - 1))
+        images.append(path[rows])
+        long = 1.0 / (1.0 + math.exp(-(rows - HAIR_MIDPOINT) / HAIR_SCALE))
+        hair.append((1.0 - long, long))
+        skin.append(skin_index)
+        age.append(age_index)
+        occupations.append(occupation)
+    return MiniatureDataset(
+        images=torch.stack(images),
+        labels={
+            "hair": torch.tensor(hair, dtype=torch.float32),
+            "skin": torch.tensor(skin, dtype=torch.long),
+            "age": torch.tensor(age, dtype=torch.long),
+        },
+        occupations=torch.tensor(occupations, dtype=torch.long),
+        captions=[""] * num_images,
+    )
+
+
 def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
     """Trains the classifiers not yet in `args.output_dir`; returns their metrics and timings."""
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
@@ -521,12 +583,30 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
     fresh_round_trip = _vae_round_trip(vae, fresh.images)
     images = torch.cat([data.images, _vae_round_trip(vae, data.images)])
     labels = {name: value.repeat(2) for name, value in data.labels.items()}
+    train_images, train_labels = images, labels
+    num_growth = round(args.hair_growth_fraction * len(data.images))
+    if num_growth > 0:  # plus people with in-between hair (graded `hair` labels) and their VAE round-trips
+        growth = hair_growth_dataset(num_growth, seed=args.seed + 6)
+        train_images = torch.cat([data.images, growth.images])
+        train_images = torch.cat([train_images, _vae_round_trip(vae, train_images)])
+        train_labels = {name: torch.cat([data.labels[name], growth.labels[name]]) for name in ("skin", "age")}
+        train_labels["hair"] = torch.cat([F.one_hot(data.labels["hair"], 2).float(), growth.labels["hair"]])
+        train_labels = {name: torch.cat([value, value]) for name, value in train_labels.items()}
     occupation = {"occupation": data.occupations.repeat(2)}
     fresh_occupation = {"occupation": fresh.occupations}
     specs = {
-        "classifier-train": (ATTRIBUTES, labels, fresh.labels, {"width": 32}, args.seed + 3, 0.0),
+        "classifier-train": (
+            ATTRIBUTES,
+            train_images,
+            train_labels,
+            fresh.labels,
+            {"width": 32},
+            args.seed + 3,
+            0.0,
+        ),
         "classifier-eval": (
             ATTRIBUTES,
+            images,
             labels,
             fresh.labels,
             {"width": 24, "kernel_size": 5, "activation": "gelu", "pooling": "avg"},
@@ -535,6 +615,7 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
         ),
         "classifier-context": (
             {"occupation": OCCUPATION_NAMES},
+            images,
             occupation,
             fresh_occupation,
             {"width": 32},
@@ -542,12 +623,12 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
             0.5,
         ),
     }
-    for name, (classes, train_labels, fresh_labels, architecture, seed, augmentation) in specs.items():
+    for name, (classes, stage_images, stage_labels, fresh_labels, architecture, seed, augmentation) in specs.items():
         folder = os.path.join(args.output_dir, name)
         if os.path.isdir(folder):
             continue
         t = time.time()
-        model = train_classifier(args, images, train_labels, classes, architecture, seed, augmentation)
+        model = train_classifier(args, stage_images, stage_labels, classes, architecture, seed, augmentation)
         metrics = {
             **{
                 f"accuracy_fresh_{k}": round(v, 4)
@@ -563,7 +644,14 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
         }
         summary[name] = metrics
         role = {
-            "classifier-train": "the classifier the distributional alignment loss trains against",
+            "classifier-train": "the classifier the distributional alignment loss trains against"
+            + (
+                f". Besides the renders it saw {num_growth} people with in-between hair "
+                "(`diffusers_fair.miniature.hair_growth`), labelled `long` with probability "
+                f"sigmoid((k - {HAIR_MIDPOINT}) / {HAIR_SCALE}) for k of the 15 rows grown"
+                if num_growth > 0
+                else ""
+            ),
             "classifier-eval": "an independent classifier (other seed, architecture and augmentation) for evaluation",
             "classifier-context": "the occupation (context) classifier that measures semantics preservation",
         }[name]

@@ -279,7 +279,6 @@ def render(
     return torch.from_numpy(np.clip(image, 0.0, 1.0).transpose(2, 0, 1).copy())
 
 
-
 def hair_growth(
     occupation: str | Occupation,
     skin: str,
@@ -313,6 +312,7 @@ def hair_growth(
         image[:, row] = long[:, row]
         images.append(image)
     return torch.stack(images)
+
 
 def attribute_caption(occupation: str | Occupation, template: int | str = 0, attribute_word: str | None = None) -> str:
     """A caption, optionally naming an attribute: `"a photo of the face of a long-haired nurse, a person"`."""

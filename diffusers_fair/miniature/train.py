@@ -83,11 +83,11 @@ BUDGETS = {
     "clip_steps": (600, 5),
     "dino_steps": (600, 5),
 }
-# The train classifier also sees in-between hair (`hair_growth`), labelled `long` with
-# probability sigmoid((k - HAIR_MIDPOINT) / HAIR_SCALE) for `k` of the 15 rows grown. The midpoint is about where
-# classifiers trained on the renders alone read `long` (rows 12-13: `benchmarks/hair_boundary.py`), so the alignment
-# loss is not credited for less hair than the eval classifier counts; the grading gives a short-haired image a
-# gradient towards growing hair, which such classifiers hardly do, and the demo's adaptors then lengthen hair more
+# The train classifier also sees in-between hair (`hair_growth`), labelled `long` with probability
+# sigmoid((k - HAIR_MIDPOINT) / HAIR_SCALE) for `k` of the 15 rows grown. The midpoint is about where classifiers
+# trained on the renders alone read `long` (rows 12-13: `benchmarks/hair_boundary.py`), so the alignment loss is not
+# credited for less hair than the eval classifier counts. The grading gives a short-haired image a gradient towards
+# growing hair, which such classifiers hardly do, and the demo's adaptors then lengthen hair more
 # (model_cards/README.md, "Why lengthening stalls"). `--hair_growth_fraction` sets how many such people it sees.
 HAIR_MIDPOINT = 11.5
 HAIR_SCALE = 1.5
@@ -590,7 +590,8 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
         train_images = torch.cat([data.images, growth.images])
         train_images = torch.cat([train_images, _vae_round_trip(vae, train_images)])
         train_labels = {name: torch.cat([data.labels[name], growth.labels[name]]) for name in ("skin", "age")}
-        train_labels["hair"] = torch.cat([F.one_hot(data.labels["hair"], 2).float(), growth.labels["hair"]])
+        hair = F.one_hot(data.labels["hair"], len(ATTRIBUTES["hair"])).float()
+        train_labels["hair"] = torch.cat([hair, growth.labels["hair"]])
         train_labels = {name: torch.cat([value, value]) for name, value in train_labels.items()}
     occupation = {"occupation": data.occupations.repeat(2)}
     fresh_occupation = {"occupation": fresh.occupations}

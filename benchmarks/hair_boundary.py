@@ -16,8 +16,9 @@ the direction of each classifier's input gradient at either end, which is where 
 
 Part 2, with `--lora` (about 1 min per adaptor on one thread). For each adaptor folder, the held-out occupations'
 images with and without it from the same noise (8 steps, guidance 3, as the demo trains and evaluates), grouped by the
-base model's majority: the fraction of images in four bands of the shipped train classifier's margin (`< -10` is a
-clear `short`, `-10..0` a `short` the classifier reads as less certain) and the eval classifier's `long` fraction.
+base model's majority: the fraction of images in four bands of the eval classifier's margin (`< -10` is a clear
+`short`, `-10..0` a `short` the classifier reads as less certain) and its `long` fraction. The eval classifier, not
+the train one, so that adaptors trained against different train classifiers are measured alike.
 """
 
 import argparse
@@ -157,14 +158,11 @@ def part_2(args, classifiers):
             images = pipe(
                 occupation.prompt(0), num_images_per_prompt=args.images, generator=generator, **sample
             ).images
-            logits = classifiers["train"](images)["hair"]
-            eval_long = classifiers["eval"](images)["hair"].argmax(-1).float().mean().item()
-        return (logits[:, 1] - logits[:, 0]).numpy(), eval_long
+            logits = classifiers["eval"](images)["hair"]
+        return (logits[:, 1] - logits[:, 0]).numpy(), (logits[:, 1] > logits[:, 0]).float().mean().item()
 
     print(f"\nPart 2: held-out occupations, {args.images} images each, same noise with and without the adaptor.")
-    print(
-        "Train classifier's margin (long - short) in bands, fraction of images; eval classifier's `long` fraction.\n"
-    )
+    print("Eval classifier's margin (long - short) in bands, fraction of images; its `long` fraction.\n")
     for folder in args.lora:
         pipe = load_pipeline()
         pipe.load_lora_weights(folder, adapter_name="fair")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from diffusers_fair import AttributeClassifier
 from diffusers_fair.miniature import (
+    ATTRIBUTES,
     OCCUPATIONS,
     OCCUPATIONS_HELDOUT,
     hair_growth,
@@ -38,7 +39,6 @@ from diffusers_fair.miniature import (
 )
 from diffusers_fair.semantics import ImageSemanticsLoss
 
-SKINS = ("light", "medium", "tan", "dark")
 BANDS = (-np.inf, -10.0, 0.0, 10.0, np.inf)
 BAND_NAMES = ("< -10", "-10..0", "0..10", "> 10")
 
@@ -66,7 +66,7 @@ def parse_args(input_args=None):
 def hair_paths(pairs_per_occupation):
     """Per pair, the images `(n + 1, 3, 32, 32)` from short (0) to long (n), growing the hair row by row."""
     return [
-        hair_growth(occupation, SKINS[pair % 4], ("young", "old")[pair % 2], 1000 * index + pair)
+        hair_growth(occupation, ATTRIBUTES["skin"][pair % 4], ATTRIBUTES["age"][pair % 2], 1000 * index + pair)
         for index, occupation in enumerate(OCCUPATIONS)
         for pair in range(pairs_per_occupation)
     ]
@@ -163,15 +163,13 @@ def part_2(args, classifiers):
 
     print(f"\nPart 2: held-out occupations, {args.images} images each, same noise with and without the adaptor.")
     print("Eval classifier's margin (long - short) in bands, fraction of images; its `long` fraction.\n")
+    pipe = load_pipeline()
+    # The base model's images are the same for every adaptor (same noise): generated once.
+    base = {occupation.name: measure(pipe, occupation) for occupation in OCCUPATIONS_HELDOUT}
     for folder in args.lora:
-        pipe = load_pipeline()
         pipe.load_lora_weights(folder, adapter_name="fair")
-        rows = {}
-        for occupation in OCCUPATIONS_HELDOUT:
-            pipe.disable_lora()
-            base = measure(pipe, occupation)
-            pipe.enable_lora()
-            rows[occupation.name] = (base, measure(pipe, occupation))
+        rows = {o.name: (base[o.name], measure(pipe, o)) for o in OCCUPATIONS_HELDOUT}
+        pipe.unload_lora_weights()
         print(folder)
         print(
             f"  {'occupations (base majority)':<34}{'':9}" + "".join(f"{b:>8}" for b in BAND_NAMES) + "  eval `long`"

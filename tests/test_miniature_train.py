@@ -59,6 +59,8 @@ def test_hair_growth_dataset_has_graded_hair_labels():
     assert all(torch.isclose(allowed, p).any() for p in hair[:, 1])  # one of the 14 in-between lengths each
     assert len(set(hair[:, 1].tolist())) > 5
     assert torch.equal(hair_growth_dataset(64, seed=5).images, data.images)
+    with pytest.raises(ValueError, match="num_images"):
+        hair_growth_dataset(0, seed=5)
 
 
 def test_draw_captions_name_true_attributes_at_the_given_rate():

@@ -549,7 +549,12 @@ def hair_growth_dataset(num_images: int, seed: int) -> MiniatureDataset:
     Returns:
         [`MiniatureDataset`] whose `labels["hair"]` are `(N, 2)` probabilities of `short` / `long`,
         `sigmoid((k - HAIR_MIDPOINT) / HAIR_SCALE)` for `long`; `skin` and `age` are class indices; no captions.
+
+    Raises:
+        `ValueError`: `num_images` is below 1.
     """
+    if num_images < 1:
+        raise ValueError(f"`num_images` must be >= 1, got {num_images}; pass no growth data at all instead.")
     rng = np.random.default_rng(seed)
     images, hair, skin, age, occupations = [], [], [], [], []
     for _ in range(num_images):

@@ -3,6 +3,8 @@
 `examples/train_fair_lora.py` is the glue around these pieces (arguments, Accelerate, the loop, checkpoints).
 """
 
+import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from torch import nn
 from .alignment import DistributionalAlignmentLoss
 from .pipeline_fair_stable_diffusion import adapters_disabled
 from .semantics import ImageSemanticsLoss
-from .utils import atomic_save_file, atomic_write
+from .utils import atomic_save_file, atomic_write, atomic_write_json
 
 FINETUNE_MODES = ("text_encoder_lora", "unet_lora", "text_encoder_and_unet_lora", "prompt_prefix")
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -25,6 +27,8 @@ UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 PREFIX_WEIGHTS_NAME = "learned_embeds.safetensors"
 ADAPTER_STATE_NAME = "adapter_state.safetensors"
+SELECTED_STATE_NAME = "selected_adapter_state.safetensors"
+SELECTION_HISTORY_NAME = "selection.json"
 
 
 @dataclass
@@ -124,6 +128,74 @@ class FairAdapters:
             ),
         )
         return LORA_WEIGHTS_NAME
+
+
+@dataclass
+class CheckpointSelection:
+    r"""
+    Keeps the trained tensors of the step with the lowest selection score, so that a run can end with its best
+    checkpoint rather than its last one. The paper checkpoints every 200 iterations and reports the best checkpoint,
+    judged on validation occupations kept apart from the training and test ones (appendix A.2); the score is then, for
+    example, the mean bias on such prompts.
+
+    Args:
+        adapters ([`FairAdapters`]): The adaptors whose state is kept.
+        history (`list[tuple[int, float]]`): `(step, score)` of every [`~CheckpointSelection.update`], in order.
+        selected_step (`int`, *optional*): The step with the lowest score so far (the earliest of equal ones).
+        selected_state (`dict[str, torch.Tensor]`, *optional*): Its [`FairAdapters.state_dict`], on the CPU.
+    """
+
+    adapters: FairAdapters
+    history: list[tuple[int, float]] = field(default_factory=list)
+    selected_step: int | None = None
+    selected_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def selected_score(self) -> float | None:
+        return dict(self.history).get(self.selected_step)
+
+    def update(self, step: int, score: float) -> bool:
+        r"""
+        Records the adaptors' current state at `step` with its `score` (lower is better); returns whether it became
+        the selected one.
+        """
+        if not math.isfinite(score):
+            raise ValueError(f"`score` must be a finite number, got {score} at step {step}.")
+        if any(step == seen for seen, _ in self.history):
+            raise ValueError(f"Step {step} already has a score; each step is measured once.")
+        self.history.append((step, float(score)))
+        if self.selected_step is not None and score >= self.selected_score:
+            return False
+        self.selected_step = step
+        self.selected_state = {key: value.clone() for key, value in self.adapters.state_dict().items()}
+        return True
+
+    def restore(self) -> int:
+        """Loads the selected state into the adaptors and returns its step."""
+        if self.selected_step is None:
+            raise ValueError("No step has been scored yet; call `update` first.")
+        self.adapters.load_state_dict(self.selected_state)
+        return self.selected_step
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes the selected state and the history to `directory` (atomically), e.g. into a training checkpoint."""
+        if self.selected_step is None:
+            return
+        atomic_save_file(self.selected_state, os.path.join(directory, SELECTED_STATE_NAME))
+        history = {"history": self.history, "selected_step": self.selected_step}
+        atomic_write_json(os.path.join(directory, SELECTION_HISTORY_NAME), history)
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Restores what [`~CheckpointSelection.save`] wrote (nothing if `directory` holds no selection)."""
+        path = os.path.join(directory, SELECTION_HISTORY_NAME)
+        if not os.path.isfile(path):
+            self.history, self.selected_step, self.selected_state = [], None, None
+            return
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        self.history = [(int(step), float(score)) for step, score in saved["history"]]
+        self.selected_step = int(saved["selected_step"])
+        self.selected_state = load_file(os.path.join(directory, SELECTED_STATE_NAME))
 
 
 def add_fair_adapters(

@@ -12,6 +12,7 @@ from diffusers_fair.semantics import ImageFeatureExtractor
 from diffusers_fair.training import (
     FINETUNE_MODES,
     AdaptedPipeline,
+    CheckpointSelection,
     FairFinetuningObjective,
     add_fair_adapters,
     evaluate_adapters,
@@ -92,6 +93,43 @@ def test_adapter_state_round_trips_and_only_adaptors_train(mode, tmp_path):
     trainable = {id(p) for p in adapters.parameters()}
     frozen = [p for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters() if id(p) not in trainable]
     assert not any(p.requires_grad for p in frozen)
+
+
+@pytest.mark.parametrize("mode", ["text_encoder_and_unet_lora", "prompt_prefix"])
+def test_checkpoint_selection_restores_the_lowest_scoring_state_and_round_trips(mode, tmp_path):
+    _, adapters = perturbed_adapters(mode)
+    selection = CheckpointSelection(adapters)
+    with pytest.raises(ValueError, match="No step has been scored"):
+        selection.restore()
+    states = {}
+    for step, score in [(10, 0.5), (20, 0.3), (30, 0.3), (40, 0.4)]:
+        with torch.no_grad():
+            for p in adapters.parameters():
+                p.add_(0.1 * step)
+        states[step] = {k: v.clone() for k, v in adapters.state_dict().items()}
+        became = selection.update(step, score)
+        assert became == (step in (10, 20))  # a tie keeps the earlier step
+    assert selection.history == [(10, 0.5), (20, 0.3), (30, 0.3), (40, 0.4)]
+    assert selection.selected_step == 20 and selection.selected_score == 0.3
+    with pytest.raises(ValueError, match="`score` must be a finite number"):
+        selection.update(50, float("nan"))
+    with pytest.raises(ValueError, match="Step 40 already has a score"):
+        selection.update(40, 0.1)
+
+    selection.save(tmp_path)
+    assert selection.restore() == 20
+    restored = adapters.state_dict()
+    assert restored.keys() == states[20].keys() and all(torch.equal(restored[k], states[20][k]) for k in restored)
+
+    # A fresh run resumed from the folder selects and restores the same state, whatever its adaptors hold.
+    _, other = perturbed_adapters(mode)
+    resumed = CheckpointSelection(other)
+    resumed.load(tmp_path)
+    assert resumed.history == selection.history and resumed.selected_step == 20
+    assert resumed.restore() == 20
+    assert all(torch.equal(v, states[20][k]) for k, v in other.state_dict().items())
+    resumed.load(tmp_path / "nothing-saved-here")
+    assert resumed.history == [] and resumed.selected_step is None
 
 
 def test_prompt_prefix_trains_only_its_rows():

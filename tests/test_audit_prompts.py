@@ -40,6 +40,15 @@ def test_paper_counts_and_templates():
     assert len(load_prompts("miniature-train")) == 40
 
 
+def test_miniature_validation_prompts_are_the_training_occupations_in_an_untrained_template():
+    from diffusers_fair.miniature import OCCUPATIONS_TRAIN
+
+    validation, train = load_prompts("miniature-validation"), load_prompts("miniature-train")
+    assert validation == [occupation.prompt(1) for occupation in OCCUPATIONS_TRAIN]
+    assert validation[0] == "a portrait of a doctor"
+    assert not set(validation) & (set(train) | set(load_prompts("miniature-heldout")))
+
+
 def test_completed_training_lists_are_large_and_disjoint_from_the_test_sets():
     occupations = set(_terms("occupations-train"))
     assert len(occupations) >= 1000

@@ -15,6 +15,7 @@ TEMPLATE_DIRECTIVE = "# template:"
 MINIATURE_SETS = {
     "miniature-train": "the miniature world's 40 training occupations, its first template",
     "miniature-heldout": "the miniature world's 12 held-out occupations, its first template",
+    "miniature-validation": "the miniature world's 40 training occupations in its second template (for selection)",
 }
 
 
@@ -93,8 +94,11 @@ def load_prompts(name_or_path: str | os.PathLike, limit: int | None = None) -> l
     if name in MINIATURE_SETS:
         from ..miniature import OCCUPATIONS_HELDOUT, OCCUPATIONS_TRAIN
 
-        occupations = OCCUPATIONS_TRAIN if name == "miniature-train" else OCCUPATIONS_HELDOUT
-        prompts = [occupation.prompt(0) for occupation in occupations]
+        occupations = OCCUPATIONS_HELDOUT if name == "miniature-heldout" else OCCUPATIONS_TRAIN
+        # The world has no occupations to spare for validation: its validation prompts are the training occupations
+        # in a template that fairness training does not use.
+        template = 1 if name == "miniature-validation" else 0
+        prompts = [occupation.prompt(template) for occupation in occupations]
     elif os.path.isfile(name):
         prompts = _read_prompt_file(Path(name))
     elif (PROMPTS_DIR / f"{name}.txt").is_file() and os.sep not in name and "/" not in name:

@@ -39,6 +39,7 @@ from diffusers_fair.model_card import make_model_card
 from diffusers_fair.prompts import load_prompts
 from diffusers_fair.training import (
     FINETUNE_MODES,
+    CheckpointSelection,
     FairFinetuningObjective,
     add_fair_adapters,
     evaluate_adapters,
@@ -138,6 +139,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add("--train_prompts", default=None, help="A text file (one prompt per line) or a shipped prompt set.")
     add("--eval_prompts", default=None, help="A text file or a shipped prompt set (prompts never trained on).")
     add(
+        "--selection_prompts",
+        default=None,
+        help="Validation prompts (a text file or a shipped set, e.g. occupations-validation) on which to pick the "
+        "best adaptor: at every validation and at the end, the mean bias of the target's attributes on them "
+        "(measured with --classifier) is recorded, and the run keeps the lowest one's adaptor, as the paper reports "
+        "its best checkpoint. Never the eval prompts. By default the last step's adaptor is kept.",
+    )
+    add("--selection_images_per_prompt", type=int, default=16, help="Images per selection prompt.")
+    add(
         "--finetune",
         default=None,
         choices=FINETUNE_MODES,
@@ -198,6 +208,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "train_batch_size",
         "images_per_prompt",
         "eval_images_per_prompt",
+        "selection_images_per_prompt",
     ):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be positive, got {getattr(args, name)}.")
@@ -326,6 +337,14 @@ def main(input_args: list[str] | None = None) -> dict:
     reference_cache = {}  # what evaluations measure on the base model's images, kept between them
     grid_cache = {}  # the validation grids' base-model rows, kept between them
     train_prompts, eval_prompts = load_prompts(args.train_prompts), load_prompts(args.eval_prompts)
+    selection_prompts = load_prompts(args.selection_prompts) if args.selection_prompts else None
+    shared = sorted(set(selection_prompts or []) & set(eval_prompts))
+    if shared:
+        raise ValueError(
+            f"`--selection_prompts` {args.selection_prompts!r} shares {len(shared)} prompts with `--eval_prompts` "
+            f"(e.g. {shared[0]!r}): picking the adaptor on them would select on the evaluation; give validation "
+            "prompts disjoint from the eval prompts."
+        )
 
     set_seed(args.seed)  # the adaptor's initialisation
     adapters = add_fair_adapters(pipe, args.finetune, rank=args.rank, num_prefix_tokens=args.num_prefix_tokens)
@@ -333,6 +352,7 @@ def main(input_args: list[str] | None = None) -> dict:
         pipe.unet.enable_gradient_checkpointing()
         pipe.text_encoder.gradient_checkpointing_enable()
     params = adapters.parameters()
+    selection = CheckpointSelection(adapters) if selection_prompts else None
     weight_decay = 0.0 if args.finetune == "prompt_prefix" else 1e-2  # decay would move the frozen embedding rows
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=weight_decay)
     # Accelerate steps a prepared scheduler once per process at each optimizer step, hence the factors.
@@ -343,12 +363,23 @@ def main(input_args: list[str] | None = None) -> dict:
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    # Only the adaptor goes into checkpoints (safetensors), next to Accelerate's optimizer / scheduler / RNG state.
-    # Every process holds the same adaptor; one writes it (two writers would share its temporary file).
-    accelerator.register_save_state_pre_hook(
-        lambda models, weights, folder: adapters.save_state(folder) if accelerator.is_main_process else None
-    )
-    accelerator.register_load_state_pre_hook(lambda models, folder: adapters.load_state(folder))
+
+    # Only the adaptor (and the selected one's state) goes into checkpoints (safetensors), next to Accelerate's
+    # optimizer / scheduler / RNG state. Every process holds the same adaptor; one writes it (two writers would share
+    # its temporary file).
+    def save_state(models, weights, folder):
+        if accelerator.is_main_process:
+            adapters.save_state(folder)
+            if selection is not None:
+                selection.save(folder)
+
+    def load_state(models, folder):
+        adapters.load_state(folder)
+        if selection is not None:
+            selection.load(folder)
+
+    accelerator.register_save_state_pre_hook(save_state)
+    accelerator.register_load_state_pre_hook(load_state)
 
     # One row for the one prompt of each engine call; the pipeline repeats it per image.
     negative_prompt_embeds = frozen_unconditional_embeds(pipe) if args.frozen_unconditional else None
@@ -405,6 +436,23 @@ def main(input_args: list[str] | None = None) -> dict:
         if accelerator.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
             atomic_write_json(before_path, evaluation["before"])
+
+    def select(step: int) -> None:
+        # The selection measures the adapted model only, with the training classifier (the eval one stays independent).
+        metrics = evaluate(
+            accelerator,
+            adapters,
+            selection_prompts,
+            classifier,
+            None,
+            args,
+            True,
+            num_images_per_prompt=args.selection_images_per_prompt,
+        )["summary"]
+        score = sum(metrics[f"bias/{a}"][0] for a in target.attributes) / len(target.attributes)
+        selection.update(step, score)
+        accelerator.log({"selection/bias": score}, step=step)
+        logger.info(f"Step {step}: selection bias {score:.3f} (lowest: step {selection.selected_step})")
 
     # 4. Training loop: pick prompts, draw noise, one engine call for finetuned + original images, losses, step
     gather = accelerator.gather if accelerator.num_processes > 1 else None
@@ -469,9 +517,12 @@ def main(input_args: list[str] | None = None) -> dict:
         progress.set_postfix(loss=f"{logs['loss/total']:.3f}")
         accelerator.log(logs, step=global_step)
 
+        validating = global_step % args.validation_steps == 0 and global_step < args.max_train_steps
+        if validating and selection is not None:  # before the checkpoint, which holds the selection
+            select(global_step)
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             save_checkpoint(accelerator, args, global_step)
-        if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+        if validating:
             metrics = run_evaluation(True)
             accelerator.log({f"eval/{k}": v[0] for k, v in metrics["summary"].items()}, step=global_step)
             logger.info(f"Step {global_step}: " + ", ".join(f"{k} {v[0]:.3f}" for k, v in metrics["summary"].items()))
@@ -479,6 +530,16 @@ def main(input_args: list[str] | None = None) -> dict:
                 write_validation_grid(adapters, eval_prompts, eval_classifier, args, global_step, grid_cache)
 
     # 5. Final evaluation, adaptor, model card, Hub
+    if selection is not None:
+        select(global_step)
+        selection.restore()
+        evaluation["selection"] = {
+            "prompts": args.selection_prompts,
+            "images_per_prompt": args.selection_images_per_prompt,
+            "history": selection.history,
+            "selected_step": selection.selected_step,
+        }
+        logger.info(f"Keeping the adaptor of step {selection.selected_step} (lowest selection bias).")
     evaluation["after"] = run_evaluation(True)
     evaluation["sampling_floor"] = {k: v for k, v in floor.items() if k in evaluation["after"]["summary"]}
     accelerator.wait_for_everyone()
@@ -501,7 +562,16 @@ def main(input_args: list[str] | None = None) -> dict:
 
 
 def evaluate(
-    accelerator, adapters, prompts, classifier, context, args, enabled, similarity=None, reference_cache=None
+    accelerator,
+    adapters,
+    prompts,
+    classifier,
+    context,
+    args,
+    enabled,
+    similarity=None,
+    reference_cache=None,
+    num_images_per_prompt=None,
 ) -> dict:
     # Each process evaluates its share of the prompts (images are seeded per prompt and image, so the split does not
     # change them); with one `reference_cache` for a run, the base model's images are generated and measured once.
@@ -510,7 +580,7 @@ def evaluate(
         adapters,
         [prompts[i] for i in share],
         classifier,
-        args.eval_images_per_prompt,
+        num_images_per_prompt or args.eval_images_per_prompt,
         context,
         enabled,
         seed=args.seed,
@@ -605,6 +675,9 @@ def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_
             "seed",
         )
     }
+    if "selection" in evaluation:
+        settings["selection_prompts"] = args.selection_prompts
+        settings["selected_step"] = evaluation["selection"]["selected_step"]
     # Float rounding differs between machines and library versions, and so does a training run's trajectory.
     settings["software"] = ", ".join(f"{name} {version}" for name, version in versions().items())
     card = make_model_card(

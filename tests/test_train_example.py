@@ -104,9 +104,53 @@ def test_intermediate_validation_logs_its_metrics_and_writes_a_grid(tmp_path, ev
     assert "bias/hair" in evaluation["after"]["summary"]
 
 
-def test_resume_continues_exactly(tmp_path, eval_prompts, monkeypatch):
+@pytest.fixture(scope="module")
+def selection_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "selection.txt"
+    path.write_text("a portrait of a doctor\na portrait of a nurse\n")
+    return str(path)
+
+
+def test_selection_keeps_the_lowest_bias_step(tmp_path, eval_prompts, selection_prompts, monkeypatch):
+    selecting = ["--validation_steps", "1", "--selection_prompts", selection_prompts, "--selection_images_per_prompt"]
+    evaluation = train.main(tiny_run(tmp_path / "measured", eval_prompts, "--max_train_steps", "3", *selecting, "2"))
+    history = evaluation["selection"]["history"]
+    assert [step for step, _ in history] == [1, 2, 3]
+    # Two images per prompt: the `hair` bias of each prompt is 0 or 1, so every score is a multiple of 1/2.
+    assert all(score * 2 == round(score * 2) for _, score in history)
+    lowest = min(score for _, score in history)
+    assert evaluation["selection"]["selected_step"] == next(step for step, score in history if score == lowest)
+
+    # With scripted scores that select step 2 of 4, the run saves what a 2-step run saves.
+    scores = iter([0.4, 0.1, 0.3, 0.2])
+    original = train.evaluate
+
+    def scripted(*args, num_images_per_prompt=None, **kwargs):
+        result = original(*args, num_images_per_prompt=num_images_per_prompt, **kwargs)
+        if num_images_per_prompt is not None:  # the selection's measurement
+            result["summary"]["bias/hair"] = [next(scores), 0.0]
+        return result
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    evaluation = train.main(tiny_run(tmp_path / "selected", eval_prompts, "--max_train_steps", "4", *selecting, "2"))
+    monkeypatch.undo()
+    assert evaluation["selection"]["selected_step"] == 2
+    train.main(tiny_run(tmp_path / "two", eval_prompts))
+    a = load_file(tmp_path / "selected" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert evaluation["after"] == json.loads((tmp_path / "two" / "evaluation.json").read_text())["after"]
+    card = (tmp_path / "selected" / "README.md").read_text()
+    assert "selected_step" in card and selection_prompts in card
+
+
+@pytest.mark.parametrize("selecting", [False, True])
+def test_resume_continues_exactly(selecting, tmp_path, eval_prompts, selection_prompts, monkeypatch):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     schedule = ["--max_train_steps", "4", "--checkpointing_steps", "2"]
+    if selecting:  # the selection's history and kept state go through the checkpoint too
+        schedule += ["--validation_steps", "1", "--selection_prompts", selection_prompts]
+        schedule += ["--selection_images_per_prompt", "2"]
     train.main(tiny_run(whole, eval_prompts, *schedule))
 
     original = train.save_checkpoint
@@ -124,6 +168,9 @@ def test_resume_continues_exactly(tmp_path, eval_prompts, monkeypatch):
     a = load_file(whole / "pytorch_lora_weights.safetensors")
     b = load_file(resumed / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if selecting:
+        a, b = (json.loads((run / "evaluation.json").read_text())["selection"] for run in (whole, resumed))
+        assert a == b and len(a["history"]) == 4
 
 
 def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
@@ -186,6 +233,8 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
         (["--images_per_prompt", "0"], "`--images_per_prompt` must be positive"),
         (["--eval_images_per_prompt", "0"], "`--eval_images_per_prompt` must be positive"),
         (["--eval_classifier", "miniature-context"], "--eval_classifier.*cannot measure the target.*'hair'"),
+        (["--selection_images_per_prompt", "0"], "`--selection_images_per_prompt` must be positive"),
+        (["--selection_prompts", "miniature-heldout"], "`--selection_prompts`.*shares 2 prompts with `--eval_"),
     ],
 )
 def test_bad_flags_give_clear_errors(flags, message, tmp_path, eval_prompts):

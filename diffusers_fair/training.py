@@ -152,6 +152,7 @@ class CheckpointSelection:
 
     @property
     def selected_score(self) -> float | None:
+        """The score of `selected_step` (`None` before the first update)."""
         return dict(self.history).get(self.selected_step)
 
     def update(self, step: int, score: float) -> bool:

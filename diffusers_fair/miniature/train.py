@@ -558,7 +558,9 @@ def hair_growth_dataset(num_images: int, seed: int) -> MiniatureDataset:
     rng = np.random.default_rng(seed)
     images, hair, skin, age, occupations = [], [], [], [], []
     for _ in range(num_images):
-        occupation, skin_index, age_index = (int(rng.integers(n)) for n in (len(OCCUPATIONS), 4, 2))
+        occupation, skin_index, age_index = (
+            int(rng.integers(n)) for n in (len(OCCUPATIONS), len(ATTRIBUTES["skin"]), len(ATTRIBUTES["age"]))
+        )
         path = hair_growth(OCCUPATIONS[occupation], ATTRIBUTES["skin"][skin_index], ATTRIBUTES["age"][age_index], rng)
         rows = int(rng.integers(1, len(path) - 1))
         images.append(path[rows])
@@ -590,7 +592,9 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
     labels = {name: value.repeat(2) for name, value in data.labels.items()}
     train_images, train_labels = images, labels
     num_growth = round(args.hair_growth_fraction * len(data.images))
-    if num_growth > 0:  # plus people with in-between hair (graded `hair` labels) and their VAE round-trips
+    # Plus people with in-between hair (graded `hair` labels) and their VAE round-trips, unless the train classifier
+    # is already there (a resumed run).
+    if num_growth > 0 and not os.path.isdir(os.path.join(args.output_dir, "classifier-train")):
         growth = hair_growth_dataset(num_growth, seed=args.seed + 6)
         train_images = torch.cat([data.images, growth.images])
         train_images = torch.cat([train_images, _vae_round_trip(vae, train_images)])

@@ -65,8 +65,9 @@ def parse_args(input_args=None):
 
 def hair_paths(pairs_per_occupation):
     """Per pair, the images `(n + 1, 3, 32, 32)` from short (0) to long (n), growing the hair row by row."""
+    skin, age = ATTRIBUTES["skin"], ATTRIBUTES["age"]
     return [
-        hair_growth(occupation, ATTRIBUTES["skin"][pair % 4], ATTRIBUTES["age"][pair % 2], 1000 * index + pair)
+        hair_growth(occupation, skin[pair % len(skin)], age[pair % len(age)], 1000 * index + pair)
         for index, occupation in enumerate(OCCUPATIONS)
         for pair in range(pairs_per_occupation)
     ]

@@ -141,19 +141,22 @@ class CheckpointSelection:
     Args:
         adapters ([`FairAdapters`]): The adaptors whose state is kept.
         history (`list[tuple[int, float]]`): `(step, score)` of every [`~CheckpointSelection.update`], in order.
-        selected_step (`int`, *optional*): The step with the lowest score so far (the earliest of equal ones).
-        selected_state (`dict[str, torch.Tensor]`, *optional*): Its [`FairAdapters.state_dict`], on the CPU.
+        selected_state (`dict[str, torch.Tensor]`, *optional*): The [`FairAdapters.state_dict`] of `selected_step`.
     """
 
     adapters: FairAdapters
     history: list[tuple[int, float]] = field(default_factory=list)
-    selected_step: int | None = None
     selected_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def selected_step(self) -> int | None:
+        """The step with the lowest score so far, the earliest of equal ones (`None` before the first update)."""
+        return min(self.history, key=lambda entry: entry[1])[0] if self.history else None
 
     @property
     def selected_score(self) -> float | None:
         """The score of `selected_step` (`None` before the first update)."""
-        return dict(self.history).get(self.selected_step)
+        return min(score for _, score in self.history) if self.history else None
 
     def update(self, step: int, score: float) -> bool:
         r"""
@@ -165,9 +168,8 @@ class CheckpointSelection:
         if any(step == seen for seen, _ in self.history):
             raise ValueError(f"Step {step} already has a score; each step is measured once.")
         self.history.append((step, float(score)))
-        if self.selected_step is not None and score >= self.selected_score:
+        if self.selected_step != step:
             return False
-        self.selected_step = step
         self.selected_state = {key: value.clone() for key, value in self.adapters.state_dict().items()}
         return True
 
@@ -183,19 +185,16 @@ class CheckpointSelection:
         if self.selected_step is None:
             return
         atomic_save_file(self.selected_state, os.path.join(directory, SELECTED_STATE_NAME))
-        history = {"history": self.history, "selected_step": self.selected_step}
-        atomic_write_json(os.path.join(directory, SELECTION_HISTORY_NAME), history)
+        atomic_write_json(os.path.join(directory, SELECTION_HISTORY_NAME), {"history": self.history})
 
     def load(self, directory: str | os.PathLike) -> None:
         """Restores what [`~CheckpointSelection.save`] wrote (nothing if `directory` holds no selection)."""
         path = os.path.join(directory, SELECTION_HISTORY_NAME)
         if not os.path.isfile(path):
-            self.history, self.selected_step, self.selected_state = [], None, None
+            self.history, self.selected_state = [], None
             return
         with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        self.history = [(int(step), float(score)) for step, score in saved["history"]]
-        self.selected_step = int(saved["selected_step"])
+            self.history = [(int(step), float(score)) for step, score in json.load(f)["history"]]
         self.selected_state = load_file(os.path.join(directory, SELECTED_STATE_NAME))
 
 

@@ -401,8 +401,13 @@ def main(input_args: list[str] | None = None) -> dict:
         else:
             if not os.path.isdir(path):
                 raise ValueError(f"`--resume_from_checkpoint` {path!r} is not a checkpoint folder.")
-            accelerator.load_state(path)
             global_step = int(os.path.basename(path.rstrip("/")).split("-")[1])
+            if global_step > args.max_train_steps:
+                raise ValueError(
+                    f"`--resume_from_checkpoint` {path!r} is at step {global_step}, past `--max_train_steps` "
+                    f"{args.max_train_steps}; raise `--max_train_steps` or resume from an earlier checkpoint."
+                )
+            accelerator.load_state(path)
             logger.info(f"Resumed from {path} at step {global_step}.")
 
     if accelerator.is_main_process:
@@ -531,7 +536,8 @@ def main(input_args: list[str] | None = None) -> dict:
 
     # 5. Final evaluation, adaptor, model card, Hub
     if selection is not None:
-        select(global_step)
+        if all(step != global_step for step, _ in selection.history):  # a run resumed at its last step has it
+            select(global_step)
         selection.restore()
         evaluation["selection"] = {
             "prompts": args.selection_prompts,

@@ -173,6 +173,20 @@ def test_resume_continues_exactly(selecting, tmp_path, eval_prompts, selection_p
         assert a == b and len(a["history"]) == 4
 
 
+def test_resume_at_or_past_the_last_step(tmp_path, eval_prompts, selection_prompts):
+    selecting = ["--validation_steps", "1", "--selection_prompts", selection_prompts, "--selection_images_per_prompt"]
+    run = tiny_run(tmp_path / "run", eval_prompts, "--max_train_steps", "3", "--checkpointing_steps", "1", *selecting)
+    history = train.main(run + ["2"])["selection"]["history"]
+    checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    # A checkpoint already at --max_train_steps ends there: its measured steps are not measured again.
+    resumed = tiny_run(tmp_path / "resumed", eval_prompts, "--max_train_steps", "2", *selecting, "2")
+    selection = train.main(resumed + ["--resume_from_checkpoint", checkpoint])["selection"]
+    assert selection["history"] == history[:2]
+    with pytest.raises(ValueError, match=r"at step 2, past `--max_train_steps` 1; raise `--max_train_steps`"):
+        train.main(tiny_run(tmp_path / "past", eval_prompts, "--max_train_steps", "1", "--resume_from_checkpoint",
+                            checkpoint))  # fmt: skip
+
+
 def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
     import huggingface_hub
 

@@ -93,6 +93,23 @@ def test_frozen_unconditional_trains_and_evaluates_with_the_base_empty_prompt(tm
     assert_same_classes_as_the_script(adapted, evaluation)
 
 
+@pytest.mark.parametrize("flags, scaling", [([], "paper"), (["--gradient_scaling", "exact"], "exact")])
+def test_gradient_scaling_sets_the_step_weights_of_the_biased_gradient(flags, scaling, tmp_path, eval_prompts,
+                                                                         monkeypatch):  # fmt: skip
+    pipes = []
+    monkeypatch.setattr(train, "load_pipeline", lambda args: pipes.append(load_pipeline()) or pipes[-1])
+    train.main(tiny_run(tmp_path, eval_prompts, *flags))
+    scheduler = pipes[0].scheduler  # the pipeline samples with this one
+    assert scheduler.config.gradient_scaling == scaling
+    reference = load_pipeline().scheduler  # shipped with "paper"
+    reference.set_timesteps(3)
+    product = scheduler.noise_prediction_coefficients * scheduler.gradient_scales
+    assert torch.equal(scheduler.timesteps, reference.timesteps)
+    assert torch.allclose(product, product[0]) == (scaling == "exact")
+    assert torch.equal(scheduler.gradient_scales, reference.gradient_scales) == (scaling == "paper")
+    assert f"| gradient_scaling | `{scaling}` |" in (tmp_path / "README.md").read_text()
+
+
 def test_intermediate_validation_logs_its_metrics_and_writes_a_grid(tmp_path, eval_prompts, caplog):
     caplog.set_level("INFO")
     evaluation = train.main(tiny_run(tmp_path, eval_prompts, "--validation_steps", "1"))

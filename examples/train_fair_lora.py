@@ -206,6 +206,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"`--config` {config_args.config!r} has unknown keys {unknown}; use the flags' names.")
         parser.set_defaults(**config)
     args = parser.parse_args(input_args)
+    if args.gradient == "naive" and args.gradient_scaling is not None:
+        raise ValueError(
+            "`--gradient_scaling` weights the steps of the biased gradient; `--gradient naive` is exact and has no "
+            "step weights. Drop one of the two flags."
+        )
     defaults = MINIATURE_DEFAULTS if args.pretrained_model_name_or_path == MINIATURE else GENERIC_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -265,6 +265,7 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
         (["--eval_images_per_prompt", "0"], "`--eval_images_per_prompt` must be positive"),
         (["--eval_classifier", "miniature-context"], "--eval_classifier.*cannot measure the target.*'hair'"),
         (["--selection_images_per_prompt", "0"], "`--selection_images_per_prompt` must be positive"),
+        (["--gradient", "naive", "--gradient_scaling", "exact"], "`--gradient_scaling` weights the steps of the"),
         (["--selection_prompts", "miniature-heldout"], "`--selection_prompts`.*shares 2 prompts with `--eval_"),
     ],
 )

@@ -158,6 +158,10 @@ class CheckpointSelection:
         """The score of `selected_step` (`None` before the first update)."""
         return min(score for _, score in self.history) if self.history else None
 
+    def has_score(self, step: int) -> bool:
+        """Whether `step` has been scored (each step is scored once, e.g. not again by a run resumed at that step)."""
+        return any(step == seen for seen, _ in self.history)
+
     def update(self, step: int, score: float) -> bool:
         r"""
         Records the adaptors' current state at `step` with its `score` (lower is better); returns whether it became
@@ -165,7 +169,7 @@ class CheckpointSelection:
         """
         if not math.isfinite(score):
             raise ValueError(f"`score` must be a finite number, got {score} at step {step}.")
-        if any(step == seen for seen, _ in self.history):
+        if self.has_score(step):
             raise ValueError(f"Step {step} already has a score; each step is measured once.")
         self.history.append((step, float(score)))
         if self.selected_step != step:

@@ -558,7 +558,7 @@ def main(input_args: list[str] | None = None) -> dict:
 
     # 5. Final evaluation, adaptor, model card, Hub
     if selection is not None:
-        if all(step != global_step for step, _ in selection.history):  # a run resumed at its last step has it
+        if not selection.has_score(global_step):  # a run resumed at its last step has it
             select(global_step)
         selection.restore()
         evaluation["selection"] = {

@@ -111,6 +111,7 @@ def test_checkpoint_selection_restores_the_lowest_scoring_state_and_round_trips(
         assert became == (step in (10, 20))  # a tie keeps the earlier step
     assert selection.history == [(10, 0.5), (20, 0.3), (30, 0.3), (40, 0.4)]
     assert selection.selected_step == 20 and selection.selected_score == 0.3
+    assert selection.has_score(30) and not selection.has_score(50)
     with pytest.raises(ValueError, match="`score` must be a finite number"):
         selection.update(50, float("nan"))
     with pytest.raises(ValueError, match="Step 40 already has a score"):

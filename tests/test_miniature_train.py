@@ -17,6 +17,7 @@ from diffusers_fair.miniature import (
     load_pipeline,
     sample_dataset,
 )
+from diffusers_fair.miniature import train as miniature_train
 from diffusers_fair.miniature.train import (
     CAPTIONS,
     HAIR_MIDPOINT,
@@ -103,7 +104,7 @@ def test_min_snr_weights():
 
 
 @pytest.mark.slow
-def test_quick_training_end_to_end_is_reproducible_and_loadable(tmp_path):
+def test_quick_training_end_to_end_is_reproducible_and_loadable(tmp_path, monkeypatch):
     # Two threads: the classifiers and CLIP train in a second process while the U-Net trains.
     args = ["--quick", "--images_per_occupation", "2", "--unet_steps", "3", "--vae_steps", "4", "--num_threads", "2"]
     summary = main(["--output_dir", str(tmp_path / "a"), *args])
@@ -155,3 +156,9 @@ def test_quick_training_end_to_end_is_reproducible_and_loadable(tmp_path):
     after = load_file(tmp_path / "a" / "classifier-train" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert "in-between" not in card.read_text()
+
+    # A rerun that trains another classifier does not build the train classifier's in-between-hair data.
+    shutil.rmtree(tmp_path / "a" / "classifier-eval")
+    monkeypatch.setattr(miniature_train, "hair_growth_dataset", lambda *a, **k: pytest.fail("built unused data"))
+    again = main(["--output_dir", str(tmp_path / "a"), *args[:-1], "1"])
+    assert set(again["timings"]) == {"classifier-eval_s", "total_s"}

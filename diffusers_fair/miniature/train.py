@@ -590,25 +590,26 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
     fresh_round_trip = _vae_round_trip(vae, fresh.images)
     images = torch.cat([data.images, _vae_round_trip(vae, data.images)])
     labels = {name: value.repeat(2) for name, value in data.labels.items()}
-    train_images, train_labels = images, labels
     num_growth = round(args.hair_growth_fraction * len(data.images))
-    # Plus people with in-between hair (graded `hair` labels) and their VAE round-trips, unless the train classifier
-    # is already there (a resumed run).
-    if num_growth > 0 and not os.path.isdir(os.path.join(args.output_dir, "classifier-train")):
+
+    def train_data() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The train classifier's data: also people with in-between hair (graded `hair` labels), and round trips."""
+        if num_growth == 0:
+            return images, labels
         growth = hair_growth_dataset(num_growth, seed=args.seed + 6)
         train_images = torch.cat([data.images, growth.images])
         train_images = torch.cat([train_images, _vae_round_trip(vae, train_images)])
         train_labels = {name: torch.cat([data.labels[name], growth.labels[name]]) for name in ("skin", "age")}
         hair = F.one_hot(data.labels["hair"], len(ATTRIBUTES["hair"])).float()
         train_labels["hair"] = torch.cat([hair, growth.labels["hair"]])
-        train_labels = {name: torch.cat([value, value]) for name, value in train_labels.items()}
+        return train_images, {name: torch.cat([value, value]) for name, value in train_labels.items()}
+
     occupation = {"occupation": data.occupations.repeat(2)}
     fresh_occupation = {"occupation": fresh.occupations}
     specs = {
         "classifier-train": (
             ATTRIBUTES,
-            train_images,
-            train_labels,
+            train_data,
             fresh.labels,
             {"width": 32},
             args.seed + 3,
@@ -616,8 +617,7 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
         ),
         "classifier-eval": (
             ATTRIBUTES,
-            images,
-            labels,
+            lambda: (images, labels),
             fresh.labels,
             {"width": 24, "kernel_size": 5, "activation": "gelu", "pooling": "avg"},
             args.seed + 4,
@@ -625,18 +625,19 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
         ),
         "classifier-context": (
             {"occupation": OCCUPATION_NAMES},
-            images,
-            occupation,
+            lambda: (images, occupation),
             fresh_occupation,
             {"width": 32},
             args.seed + 5,
             0.5,
         ),
     }
-    for name, (classes, stage_images, stage_labels, fresh_labels, architecture, seed, augmentation) in specs.items():
+    # Each classifier's data is built only if it is still to train (a resumed run skips the finished ones).
+    for name, (classes, stage_data, fresh_labels, architecture, seed, augmentation) in specs.items():
         folder = os.path.join(args.output_dir, name)
         if os.path.isdir(folder):
             continue
+        stage_images, stage_labels = stage_data()
         t = time.time()
         model = train_classifier(args, stage_images, stage_labels, classes, architecture, seed, augmentation)
         metrics = {

@@ -138,40 +138,80 @@ class CheckpointSelection:
     judged on validation occupations kept apart from the training and test ones (appendix A.2); the score is then, for
     example, the mean bias on such prompts.
 
+    A bias can fall because the images lose their meaning (a finetuning that breaks the occupation's context also
+    scrambles the attribute). With `min_similarity`, each step is also given the similarity of its images to the
+    original model's (e.g. the mean CLIP-I / DINO cosine on the same prompts and noise), and only steps at or above it
+    can be selected. If no step reaches it, the most similar step is kept, so that a run that broke its images keeps
+    the step that broke them least.
+
     Args:
         adapters ([`FairAdapters`]): The adaptors whose state is kept.
-        history (`list[tuple[int, float]]`): `(step, score)` of every [`~CheckpointSelection.update`], in order.
+        min_similarity (`float`, *optional*):
+            The lowest similarity a selected step may have (a cosine, in `[-1, 1]`); `None` selects on the score alone.
+        history (`list[tuple[int, float, float | None]]`):
+            `(step, score, similarity)` of every [`~CheckpointSelection.update`], in order (`similarity` is `None`
+            where it was not given).
         selected_state (`dict[str, torch.Tensor]`, *optional*): The [`FairAdapters.state_dict`] of `selected_step`.
     """
 
     adapters: FairAdapters
-    history: list[tuple[int, float]] = field(default_factory=list)
+    min_similarity: float | None = None
+    history: list[tuple[int, float, float | None]] = field(default_factory=list)
     selected_state: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.min_similarity is not None and not -1.0 <= self.min_similarity <= 1.0:
+            raise ValueError(
+                f"`min_similarity` is a cosine similarity and must be in [-1, 1] (or None), got {self.min_similarity}."
+            )
+
+    @property
+    def eligible_steps(self) -> list[int]:
+        """The scored steps whose similarity reaches `min_similarity` (every scored step without one), in order."""
+        floor = self.min_similarity
+        return [step for step, _, similarity in self.history if floor is None or similarity >= floor]
+
+    def _selected_entry(self) -> tuple[int, float, float | None] | None:
+        eligible = set(self.eligible_steps)
+        if eligible:  # the lowest score, the earliest of equal ones
+            return min((entry for entry in self.history if entry[0] in eligible), key=lambda entry: entry[1])
+        # Nothing reaches `min_similarity`: the most similar step, the earliest of equal ones.
+        return max(self.history, key=lambda entry: entry[2]) if self.history else None
 
     @property
     def selected_step(self) -> int | None:
-        """The step with the lowest score so far, the earliest of equal ones (`None` before the first update)."""
-        return min(self.history, key=lambda entry: entry[1])[0] if self.history else None
+        """The step kept: the lowest score among `eligible_steps` (`None` before the first update)."""
+        entry = self._selected_entry()
+        return None if entry is None else entry[0]
 
     @property
     def selected_score(self) -> float | None:
         """The score of `selected_step` (`None` before the first update)."""
-        return min(score for _, score in self.history) if self.history else None
+        entry = self._selected_entry()
+        return None if entry is None else entry[1]
 
     def has_score(self, step: int) -> bool:
         """Whether `step` has been scored (each step is scored once, e.g. not again by a run resumed at that step)."""
-        return any(step == seen for seen, _ in self.history)
+        return any(step == seen for seen, *_ in self.history)
 
-    def update(self, step: int, score: float) -> bool:
+    def update(self, step: int, score: float, similarity: float | None = None) -> bool:
         r"""
-        Records the adaptors' current state at `step` with its `score` (lower is better); returns whether it became
-        the selected one.
+        Records the adaptors' current state at `step` with its `score` (lower is better) and, when the selection has
+        a `min_similarity`, its images' `similarity` to the original model's; returns whether it became the selected
+        one.
         """
         if not math.isfinite(score):
             raise ValueError(f"`score` must be a finite number, got {score} at step {step}.")
+        if similarity is None and self.min_similarity is not None:
+            raise ValueError(
+                f"This selection keeps only steps whose similarity is at least `min_similarity` "
+                f"({self.min_similarity}); pass the `similarity` of step {step}."
+            )
+        if similarity is not None and not math.isfinite(similarity):
+            raise ValueError(f"`similarity` must be a finite number, got {similarity} at step {step}.")
         if self.has_score(step):
             raise ValueError(f"Step {step} already has a score; each step is measured once.")
-        self.history.append((step, float(score)))
+        self.history.append((step, float(score), None if similarity is None else float(similarity)))
         if self.selected_step != step:
             return False
         self.selected_state = {key: value.clone() for key, value in self.adapters.state_dict().items()}
@@ -198,7 +238,17 @@ class CheckpointSelection:
             self.history, self.selected_state = [], None
             return
         with open(path, encoding="utf-8") as f:
-            self.history = [(int(step), float(score)) for step, score in json.load(f)["history"]]
+            entries = json.load(f)["history"]
+        history = []
+        for step, score, *similarity in entries:  # `(step, score)`: saved before similarities were recorded
+            similarity = similarity[0] if similarity else None
+            history.append((int(step), float(score), None if similarity is None else float(similarity)))
+        if self.min_similarity is not None and any(similarity is None for *_, similarity in history):
+            raise ValueError(
+                f"The selection saved in {os.fspath(directory)!r} has steps without a similarity, so "
+                f"`min_similarity` {self.min_similarity} cannot apply to them; resume it without `min_similarity`."
+            )
+        self.history = history
         self.selected_state = load_file(os.path.join(directory, SELECTED_STATE_NAME))
 
 

@@ -80,6 +80,8 @@ MINIATURE_DEFAULTS = {  # the demo: about 10 minutes on 2 CPU cores
     "lambda_img_agree": 8.0,
     "lambda_img_nonface": 4.0,  # no face boxes here: a changing image's whole frame gets this weight
     "lambda_img_face": 0.32,
+    # With --selection_prompts: steps whose images lost their meaning are not kept (model_cards/README.md).
+    "selection_min_similarity": 0.85,
 }
 GENERIC_DEFAULTS = {
     "finetune": "text_encoder_lora",
@@ -153,6 +155,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     add("--selection_images_per_prompt", type=int, default=16, help="Images per selection prompt.")
     add(
+        "--selection_min_similarity",
+        type=float,
+        default=None,
+        help="With --selection_prompts, keep only steps whose selection images have at least this mean similarity "
+        "(cosine, averaged over --semantics_encoders) to the base model's images from the same noise; if none "
+        "does, the most similar step is kept. Off by default; 0.85 on the miniature world when its semantics "
+        "encoders are on.",
+    )
+    add(
         "--finetune",
         default=None,
         choices=FINETUNE_MODES,
@@ -211,10 +222,22 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             "`--gradient_scaling` weights the steps of the biased gradient; `--gradient naive` is exact and has no "
             "step weights. Drop one of the two flags."
         )
+    similarity_floor_given = args.selection_min_similarity is not None
     defaults = MINIATURE_DEFAULTS if args.pretrained_model_name_or_path == MINIATURE else GENERIC_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.selection_min_similarity is not None and not args.semantics_encoders:
+        if similarity_floor_given:
+            raise ValueError(
+                "`--selection_min_similarity` measures similarity with `--semantics_encoders`, which is empty; "
+                "pass encoders (e.g. CLIP / DINOv2 ids) or drop `--selection_min_similarity`."
+            )
+        args.selection_min_similarity = None  # the miniature default applies only with its encoders
+    if args.selection_min_similarity is not None and not -1 <= args.selection_min_similarity <= 1:
+        raise ValueError(
+            f"`--selection_min_similarity` is a cosine similarity in [-1, 1], got {args.selection_min_similarity}."
+        )
     if args.max_train_steps < 1:
         raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
     if args.validation_steps is None:
@@ -374,7 +397,7 @@ def main(input_args: list[str] | None = None) -> dict:
         pipe.unet.enable_gradient_checkpointing()
         pipe.text_encoder.gradient_checkpointing_enable()
     params = adapters.parameters()
-    selection = CheckpointSelection(adapters) if selection_prompts else None
+    selection = CheckpointSelection(adapters, args.selection_min_similarity) if selection_prompts else None
     weight_decay = 0.0 if args.finetune == "prompt_prefix" else 1e-2  # decay would move the frozen embedding rows
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=weight_decay)
     # Accelerate steps a prepared scheduler once per process at each optimizer step, hence the factors.
@@ -465,7 +488,8 @@ def main(input_args: list[str] | None = None) -> dict:
             atomic_write_json(before_path, evaluation["before"])
 
     def select(step: int) -> None:
-        # The selection measures the adapted model only, with the training classifier (the eval one stays independent).
+        # The selection measures with the training classifier and encoders (the eval classifier stays independent).
+        guarded = selection.min_similarity is not None
         metrics = evaluate(
             accelerator,
             adapters,
@@ -474,12 +498,19 @@ def main(input_args: list[str] | None = None) -> dict:
             None,
             args,
             True,
+            similarity=similarity if guarded else None,
+            reference_cache=reference_cache,
             num_images_per_prompt=args.selection_images_per_prompt,
         )["summary"]
         score = sum(metrics[f"bias/{a}"][0] for a in target.attributes) / len(target.attributes)
-        selection.update(step, score)
-        accelerator.log({"selection/bias": score}, step=step)
-        logger.info(f"Step {step}: selection bias {score:.3f} (lowest: step {selection.selected_step})")
+        measured = {"selection/bias": score}
+        if guarded:
+            similarities = [metrics[f"{name}_similarity"][0] for name in similarity]
+            measured["selection/similarity"] = sum(similarities) / len(similarities)
+        selection.update(step, score, measured.get("selection/similarity"))
+        accelerator.log(measured, step=step)
+        summary = ", ".join(f"{name} {value:.3f}" for name, value in measured.items())
+        logger.info(f"Step {step}: {summary} (kept: step {selection.selected_step})")
 
     # 4. Training loop: pick prompts, draw noise, one engine call for finetuned + original images, losses, step
     gather = accelerator.gather if accelerator.num_processes > 1 else None
@@ -564,10 +595,22 @@ def main(input_args: list[str] | None = None) -> dict:
         evaluation["selection"] = {
             "prompts": args.selection_prompts,
             "images_per_prompt": args.selection_images_per_prompt,
+            "min_similarity": selection.min_similarity,
             "history": selection.history,
             "selected_step": selection.selected_step,
         }
-        logger.info(f"Keeping the adaptor of step {selection.selected_step} (lowest selection bias).")
+        if selection.min_similarity is None:
+            logger.info(f"Keeping the adaptor of step {selection.selected_step} (lowest selection bias).")
+        elif selection.eligible_steps:
+            logger.info(
+                f"Keeping the adaptor of step {selection.selected_step} (lowest selection bias among the steps with "
+                f"similarity >= {selection.min_similarity})."
+            )
+        else:
+            logger.warning(
+                f"No step's selection similarity reached --selection_min_similarity {selection.min_similarity}; "
+                f"keeping the most similar one, step {selection.selected_step}."
+            )
     evaluation["after"] = run_evaluation(True)
     evaluation["sampling_floor"] = {k: v for k, v in floor.items() if k in evaluation["after"]["summary"]}
     accelerator.wait_for_everyone()
@@ -706,6 +749,7 @@ def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_
     }
     if "selection" in evaluation:
         settings["selection_prompts"] = args.selection_prompts
+        settings["selection_min_similarity"] = args.selection_min_similarity
         settings["selected_step"] = evaluation["selection"]["selected_step"]
     # Float rounding differs between machines and library versions, and so does a training run's trajectory.
     settings["software"] = ", ".join(f"{name} {version}" for name, version in versions().items())

@@ -132,20 +132,27 @@ def test_selection_keeps_the_lowest_bias_step(tmp_path, eval_prompts, selection_
     selecting = ["--validation_steps", "1", "--selection_prompts", selection_prompts, "--selection_images_per_prompt"]
     evaluation = train.main(tiny_run(tmp_path / "measured", eval_prompts, "--max_train_steps", "3", *selecting, "2"))
     history = evaluation["selection"]["history"]
-    assert [step for step, _ in history] == [1, 2, 3]
+    assert [step for step, *_ in history] == [1, 2, 3]
     # Two images per prompt: the `hair` bias of each prompt is 0 or 1, so every score is a multiple of 1/2.
-    assert all(score * 2 == round(score * 2) for _, score in history)
-    lowest = min(score for _, score in history)
-    assert evaluation["selection"]["selected_step"] == next(step for step, score in history if score == lowest)
+    assert all(score * 2 == round(score * 2) for _, score, _ in history)
+    # The miniature world's similarity floor (0.85, CLIP + DINO): the lowest score among the steps that reach it.
+    assert evaluation["selection"]["min_similarity"] == 0.85
+    assert all(0.5 < similarity <= 1 for *_, similarity in history)
+    eligible = [entry for entry in history if entry[2] >= 0.85]
+    expected = min(eligible, key=lambda e: e[1]) if eligible else max(history, key=lambda e: e[2])
+    assert evaluation["selection"]["selected_step"] == expected[0]
 
-    # With scripted scores that select step 2 of 4, the run saves what a 2-step run saves.
-    scores = iter([0.4, 0.1, 0.3, 0.2])
+    # With scripted scores and similarities that select step 2 of 4 (step 4 scores lower but lost its meaning), the
+    # run saves what a 2-step run saves.
+    scores = iter([(0.4, 0.9), (0.1, 0.9), (0.3, 0.9), (0.05, 0.5)])
     original = train.evaluate
 
     def scripted(*args, num_images_per_prompt=None, **kwargs):
         result = original(*args, num_images_per_prompt=num_images_per_prompt, **kwargs)
         if num_images_per_prompt is not None:  # the selection's measurement
-            result["summary"]["bias/hair"] = [next(scores), 0.0]
+            score, similarity = next(scores)
+            result["summary"]["bias/hair"] = [score, 0.0]
+            result["summary"].update({k: [similarity, 0.0] for k in result["summary"] if k.endswith("_similarity")})
         return result
 
     monkeypatch.setattr(train, "evaluate", scripted)
@@ -158,7 +165,7 @@ def test_selection_keeps_the_lowest_bias_step(tmp_path, eval_prompts, selection_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert evaluation["after"] == json.loads((tmp_path / "two" / "evaluation.json").read_text())["after"]
     card = (tmp_path / "selected" / "README.md").read_text()
-    assert "selected_step" in card and selection_prompts in card
+    assert "selected_step" in card and selection_prompts in card and "| selection_min_similarity | `0.85` |" in card
 
 
 @pytest.mark.parametrize("selecting", [False, True])
@@ -265,6 +272,8 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
         (["--eval_images_per_prompt", "0"], "`--eval_images_per_prompt` must be positive"),
         (["--eval_classifier", "miniature-context"], "--eval_classifier.*cannot measure the target.*'hair'"),
         (["--selection_images_per_prompt", "0"], "`--selection_images_per_prompt` must be positive"),
+        (["--selection_min_similarity", "1.5"], r"`--selection_min_similarity` is a cosine similarity in \[-1, 1\]"),
+        (["--selection_min_similarity", "0.9", "--semantics_encoders"], "`--semantics_encoders`, which is empty"),
         (["--gradient", "naive", "--gradient_scaling", "exact"], "`--gradient_scaling` weights the steps of the"),
         (["--selection_prompts", "miniature-heldout"], "`--selection_prompts`.*shares 2 prompts with `--eval_"),
     ],
@@ -272,6 +281,16 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
 def test_bad_flags_give_clear_errors(flags, message, tmp_path, eval_prompts):
     with pytest.raises(ValueError, match=message):
         train.main(tiny_run(tmp_path, eval_prompts) + flags)
+
+
+def test_the_miniature_similarity_floor_needs_its_encoders(tmp_path, eval_prompts):
+    assert train.parse_args(tiny_run(tmp_path, eval_prompts)).selection_min_similarity == 0.85
+    # Without semantics encoders there is nothing to measure similarity with: the default floor does not apply (an
+    # explicit one is refused, see the bad flags above), and the selection keeps the lowest bias.
+    assert train.parse_args(tiny_run(tmp_path, eval_prompts, "--semantics_encoders")).selection_min_similarity is None
+    generic = ["--pretrained_model_name_or_path", "org/sd", "--classifier", "x", "--target", "a=uniform"]
+    generic += ["--train_prompts", eval_prompts]
+    assert train.parse_args(tiny_run(tmp_path, eval_prompts, *generic)).selection_min_similarity is None
 
 
 def test_unknown_flag_is_refused(tmp_path, eval_prompts, capsys):

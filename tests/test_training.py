@@ -1,5 +1,7 @@
 """The library side of fair finetuning on tiny models: adaptors, saving for stock diffusers, the objective."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from diffusers_fair.metrics import generate_images
 from diffusers_fair.semantics import ImageFeatureExtractor
 from diffusers_fair.training import (
     FINETUNE_MODES,
+    SELECTION_HISTORY_NAME,
     AdaptedPipeline,
     CheckpointSelection,
     FairFinetuningObjective,
@@ -109,7 +112,7 @@ def test_checkpoint_selection_restores_the_lowest_scoring_state_and_round_trips(
         states[step] = {k: v.clone() for k, v in adapters.state_dict().items()}
         became = selection.update(step, score)
         assert became == (step in (10, 20))  # a tie keeps the earlier step
-    assert selection.history == [(10, 0.5), (20, 0.3), (30, 0.3), (40, 0.4)]
+    assert selection.history == [(10, 0.5, None), (20, 0.3, None), (30, 0.3, None), (40, 0.4, None)]
     assert selection.selected_step == 20 and selection.selected_score == 0.3
     assert selection.has_score(30) and not selection.has_score(50)
     with pytest.raises(ValueError, match="`score` must be a finite number"):
@@ -131,6 +134,56 @@ def test_checkpoint_selection_restores_the_lowest_scoring_state_and_round_trips(
     assert all(torch.equal(v, states[20][k]) for k, v in other.state_dict().items())
     resumed.load(tmp_path / "nothing-saved-here")
     assert resumed.history == [] and resumed.selected_step is None
+
+
+def test_checkpoint_selection_with_a_similarity_floor(tmp_path):
+    _, adapters = perturbed_adapters("text_encoder_lora")
+    with pytest.raises(ValueError, match=r"`min_similarity` is a cosine similarity and must be in \[-1, 1\]"):
+        CheckpointSelection(adapters, min_similarity=1.5)
+    selection = CheckpointSelection(adapters, min_similarity=0.85)
+    with pytest.raises(ValueError, match=r"pass the `similarity` of step 10"):
+        selection.update(10, 0.5)
+    with pytest.raises(ValueError, match="`similarity` must be a finite number"):
+        selection.update(10, 0.5, float("nan"))
+    assert selection.history == []
+    # Scores with similarities: the lowest score (step 30) broke its images, so the lowest among the rest is kept.
+    kept = []
+    for step, score, similarity in [(10, 0.5, 0.84), (20, 0.4, 0.90), (30, 0.1, 0.60), (40, 0.3, 0.85)]:
+        with torch.no_grad():
+            for p in adapters.parameters():
+                p.add_(0.1)
+        if selection.update(step, score, similarity):
+            kept.append(step)
+            state = {k: v.clone() for k, v in adapters.state_dict().items()}
+    # Step 10 was kept while nothing reached the floor (the most similar so far), then 20, then 40.
+    assert kept == [10, 20, 40] and selection.eligible_steps == [20, 40]
+    assert selection.selected_step == 40 and selection.selected_score == 0.3
+    selection.save(tmp_path)
+    assert selection.restore() == 40 and all(torch.equal(v, state[k]) for k, v in adapters.state_dict().items())
+
+    # Resumed with the same floor it selects the same step; without one, the lowest score whatever its similarity.
+    resumed = CheckpointSelection(adapters, min_similarity=0.85)
+    resumed.load(tmp_path)
+    assert resumed.history == selection.history and resumed.selected_step == 40
+    unguarded = CheckpointSelection(adapters)
+    unguarded.load(tmp_path)
+    assert unguarded.selected_step == 30 and unguarded.eligible_steps == [10, 20, 30, 40]
+
+    # When no step reaches the floor, the most similar one is kept (the earliest of equal ones).
+    broken = CheckpointSelection(adapters, min_similarity=0.95)
+    for step, score, similarity in [(10, 0.5, 0.70), (20, 0.2, 0.80), (30, 0.1, 0.80)]:
+        broken.update(step, score, similarity)
+    assert broken.eligible_steps == [] and broken.selected_step == 20 and broken.selected_score == 0.2
+
+    # A history saved as `(step, score)` pairs (before similarities were recorded) loads without a floor only.
+    (tmp_path / "pairs").mkdir()
+    selection.save(tmp_path / "pairs")
+    path = tmp_path / "pairs" / SELECTION_HISTORY_NAME
+    path.write_text(json.dumps({"history": [[10, 0.5], [20, 0.3]]}))
+    unguarded.load(tmp_path / "pairs")
+    assert unguarded.history == [(10, 0.5, None), (20, 0.3, None)] and unguarded.selected_step == 20
+    with pytest.raises(ValueError, match="has steps without a similarity"):
+        resumed.load(tmp_path / "pairs")
 
 
 def test_prompt_prefix_trains_only_its_rows():

@@ -180,7 +180,7 @@ class CheckpointSelection:
 
     @property
     def selected_step(self) -> int | None:
-        """The step kept: the lowest score among `eligible_steps` (`None` before the first update)."""
+        """The step kept: the lowest score among `eligible_steps`, else the most similar (`None` before any update)."""
         entry = self._selected_entry()
         return None if entry is None else entry[0]
 

@@ -165,16 +165,19 @@ class CheckpointSelection:
                 f"`min_similarity` is a cosine similarity and must be in [-1, 1] (or None), got {self.min_similarity}."
             )
 
+    def _eligible_entries(self) -> list[tuple[int, float, float | None]]:
+        floor = self.min_similarity
+        return [entry for entry in self.history if floor is None or entry[2] >= floor]
+
     @property
     def eligible_steps(self) -> list[int]:
         """The scored steps whose similarity reaches `min_similarity` (every scored step without one), in order."""
-        floor = self.min_similarity
-        return [step for step, _, similarity in self.history if floor is None or similarity >= floor]
+        return [step for step, *_ in self._eligible_entries()]
 
     def _selected_entry(self) -> tuple[int, float, float | None] | None:
-        eligible = set(self.eligible_steps)
+        eligible = self._eligible_entries()
         if eligible:  # the lowest score, the earliest of equal ones
-            return min((entry for entry in self.history if entry[0] in eligible), key=lambda entry: entry[1])
+            return min(eligible, key=lambda entry: entry[1])
         # Nothing reaches `min_similarity`: the most similar step, the earliest of equal ones.
         return max(self.history, key=lambda entry: entry[2]) if self.history else None
 

@@ -18,15 +18,18 @@ from diffusers_fair.miniature import (
     sample_dataset,
 )
 from diffusers_fair.miniature import train as miniature_train
+from diffusers_fair.miniature.models import MiniatureClassifier
 from diffusers_fair.miniature.train import (
     CAPTIONS,
     HAIR_MIDPOINT,
     HAIR_SCALE,
+    adversarial_images,
     draw_captions,
     hair_growth_dataset,
     main,
     min_snr_weights,
     parse_args,
+    train_classifier,
 )
 from diffusers_fair.miniature.world import ATTRIBUTE_WORDS, TEMPLATES
 
@@ -48,6 +51,69 @@ def test_parse_args_budgets_and_errors():
         parse_args(["--output_dir", "x", "--clip_caption_attribute_weight", "-0.5"])
     with pytest.raises(ValueError, match="--hair_growth_fraction"):
         parse_args(["--output_dir", "x", "--hair_growth_fraction", "-0.1"])
+    with pytest.raises(ValueError, match="--classifier_adversarial_epsilon"):
+        parse_args(["--output_dir", "x", "--classifier_adversarial_epsilon", "-1"])
+    assert parse_args(["--output_dir", "x"]).classifier_adversarial_epsilon == 1.0
+
+
+def _classifier_batch(n: int = 8):
+    generator = torch.Generator().manual_seed(0)
+    images = 0.2 + 0.6 * torch.rand(n, 3, 32, 32, generator=generator)  # away from 0 and 1: no clamping
+    hair = torch.rand(n, generator=generator)
+    labels = {
+        "hair": torch.stack([1 - hair, hair], dim=1),  # probabilities, as the in-between hair's labels
+        "skin": torch.randint(4, (n,), generator=generator),
+        "age": torch.randint(2, (n,), generator=generator),
+    }
+    return images, labels
+
+
+def _loss_per_image(model, images, labels):
+    logits = model(images)
+    return sum(torch.nn.functional.cross_entropy(logits[k], labels[k], reduction="none") for k in labels)
+
+
+def test_adversarial_images_ascend_the_loss_within_the_ball():
+    torch.manual_seed(0)
+    model = MiniatureClassifier(ATTRIBUTES, width=8)
+    images, labels = _classifier_batch()
+    # One step is the normalised autograd gradient, scaled to the radius (2.5 * epsilon, projected back).
+    image = images.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(_loss_per_image(model, image, labels).sum(), image)
+    norm = gradient.flatten(1).norm(dim=1)[:, None, None, None]
+    one = adversarial_images(model, images, labels, epsilon=0.5, steps=1)
+    torch.testing.assert_close(one, images + 0.5 * gradient / norm, rtol=0, atol=1e-6)
+    # Three steps stay within the radius and in [0, 1], raise every image's loss and leave no parameter gradient.
+    adversarial = adversarial_images(model, images, labels, epsilon=0.5)
+    distance = (adversarial - images).flatten(1).norm(dim=1)
+    assert bool((distance <= 0.5 + 1e-5).all()) and bool((distance > 0.4).all())
+    assert adversarial.min() >= 0 and adversarial.max() <= 1 and not adversarial.requires_grad
+    with torch.no_grad():
+        assert bool((_loss_per_image(model, adversarial, labels) > _loss_per_image(model, images, labels)).all())
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="`epsilon`"):
+        adversarial_images(model, images, labels, epsilon=0.0)
+    with pytest.raises(ValueError, match="`steps`"):
+        adversarial_images(model, images, labels, epsilon=0.5, steps=0)
+
+
+def test_train_classifier_learns_from_adversarial_copies(monkeypatch):
+    images, labels = _classifier_batch(64)
+    args = parse_args(["--output_dir", "x", "--quick", "--classifier_steps", "3"])
+    calls = []
+
+    def counting(model, batch, batch_labels, epsilon, **kwargs):
+        calls.append(epsilon)
+        return adversarial_images(model, batch, batch_labels, epsilon, **kwargs)
+
+    monkeypatch.setattr(miniature_train, "adversarial_images", counting)
+    plain = train_classifier(args, images, labels, ATTRIBUTES, {"width": 8}, seed=1, augmentation=0.0)
+    assert calls == []
+    robust = train_classifier(
+        args, images, labels, ATTRIBUTES, {"width": 8}, seed=1, augmentation=0.0, adversarial_epsilon=0.5
+    )
+    assert calls == [0.5] * 3
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), robust.state_dict().values()))
 
 
 def test_hair_growth_dataset_has_graded_hair_labels():
@@ -148,7 +214,10 @@ def test_quick_training_end_to_end_is_reproducible_and_loadable(tmp_path, monkey
 
     # By default the train classifier also saw in-between hair (half as many people again); without them it differs.
     card = tmp_path / "a" / "classifier-train" / "README.md"
-    assert "52 people with in-between hair" in card.read_text()
+    assert "52 people with in-between hair" in card.read_text() and "adversarial copies" in card.read_text()
+    assert json.loads((tmp_path / "a" / "training_summary.json").read_text())["classifier-train"][
+        "adversarial_epsilon"
+    ] == pytest.approx(1.0)
     before = load_file(tmp_path / "a" / "classifier-train" / "model.safetensors")
     shutil.rmtree(tmp_path / "a" / "classifier-train")
     again = main(["--output_dir", str(tmp_path / "a"), *args[:-1], "1", "--hair_growth_fraction", "0"])

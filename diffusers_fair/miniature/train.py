@@ -10,7 +10,8 @@ finished ones, so a crash loses at most the stage in progress):
    `DIR/.stages/vae`: the `AutoencoderKL` (32x32x3 <-> 8x8x4), its `scaling_factor` measured on the data.
 2. `DIR/classifier-train`, `DIR/classifier-eval`: independent attribute classifiers (other seed, architecture and
    augmentation), trained on clean renders and their VAE round-trips (the train one also on people with in-between
-   hair and graded `hair` labels, `--hair_growth_fraction`); `DIR/classifier-context`: the occupation
+   hair and graded `hair` labels, `--hair_growth_fraction`, and on adversarial copies of its batches,
+   `--classifier_adversarial_epsilon`); `DIR/classifier-context`: the occupation
    classifier that measures whether the context is preserved; and `DIR/pipeline`: the U-Net trained on the VAE
    latents (DDPM, epsilon prediction, Min-SNR weights, a fresh caption each time an image is drawn, 10% empty
    captions for classifier-free guidance, EMA) under CLIP's text tower as the frozen text encoder, as Stable
@@ -91,6 +92,9 @@ BUDGETS = {
 # (model_cards/README.md, "Why lengthening stalls"). `--hair_growth_fraction` sets how many such people it sees.
 HAIR_MIDPOINT = 11.5
 HAIR_SCALE = 1.5
+# The train classifier also learns from adversarial copies of its batches (L2 projected gradient ascent,
+# `--classifier_adversarial_epsilon`), taking this many ascent steps per batch.
+ADVERSARIAL_STEPS = 3
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -141,6 +145,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "(`hair_growth_dataset`). 0: renders only, as the eval classifier.",
     )
     parser.add_argument(
+        "--classifier_adversarial_epsilon",
+        type=float,
+        default=1.0,
+        help="The train classifier learns from adversarial copies of its images: each batch is moved within this L2 "
+        "radius (pixels in [0, 1]; a 32x32 image has norm of about 30) to raise its loss "
+        f"(`adversarial_images`, {ADVERSARIAL_STEPS} steps). A classifier trained so has input gradients that point "
+        "at the attribute's pixels rather than spread over the image, and the alignment loss moves pixels along "
+        "them. 0: off, as the eval classifier.",
+    )
+    parser.add_argument(
         "--init_pipeline",
         default=None,
         help="Continue training the U-Net of a pipeline folder written by this script (its VAE and frozen text "
@@ -167,6 +181,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--snr_gamma` must be >= 0 (0: no weighting), got {args.snr_gamma}.")
     if args.hair_growth_fraction < 0:
         raise ValueError(f"`--hair_growth_fraction` must be >= 0 (0: renders only), got {args.hair_growth_fraction}.")
+    if not args.classifier_adversarial_epsilon >= 0:
+        raise ValueError(
+            f"`--classifier_adversarial_epsilon` must be >= 0 (0: off), got {args.classifier_adversarial_epsilon}."
+        )
     if args.init_pipeline is not None and not os.path.isfile(os.path.join(args.init_pipeline, "model_index.json")):
         raise ValueError(f"`--init_pipeline` {args.init_pipeline!r} is not a pipeline folder (no model_index.json).")
     for name, (full, quick) in BUDGETS.items():
@@ -426,6 +444,56 @@ def _augment(images: torch.Tensor, generator: torch.Generator, strength: float) 
     return (images + noise).clamp(0, 1)
 
 
+def _classifier_loss(model, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(images)
+    return sum(F.cross_entropy(logits[name], labels[name]) for name in labels)
+
+
+def adversarial_images(
+    model: MiniatureClassifier,
+    images: torch.Tensor,
+    labels: dict[str, torch.Tensor],
+    epsilon: float,
+    steps: int = ADVERSARIAL_STEPS,
+) -> torch.Tensor:
+    r"""
+    Adversarial copies of `images` for training `model` (projected gradient ascent in L2, Madry et al., 2018): each
+    image moves `steps` times along its normalised loss gradient, by `2.5 * epsilon / steps`, and back onto the ball
+    of radius `epsilon` around it; the result is clamped to `[0, 1]`.
+
+    Args:
+        model ([`MiniatureClassifier`]): the classifier being trained; its parameters get no gradient here.
+        images (`torch.Tensor` of shape `(B, 3, 32, 32)`): values in `[0, 1]`.
+        labels (`dict[str, torch.Tensor]`): attribute -> class indices `(B,)` or class probabilities `(B, K)`; the
+            loss raised is the sum of their cross-entropies.
+        epsilon (`float`): L2 radius per image, > 0.
+        steps (`int`, *optional*, defaults to `ADVERSARIAL_STEPS`): ascent steps, >= 1.
+
+    Returns:
+        `torch.Tensor` of shape `(B, 3, 32, 32)`, detached, in `[0, 1]`, each within `epsilon` (L2) of its image.
+
+    Raises:
+        `ValueError`: `epsilon` is not > 0 or `steps` is below 1.
+    """
+    if not epsilon > 0:
+        raise ValueError(f"`epsilon` must be > 0, got {epsilon}; skip the adversarial copies instead.")
+    if steps < 1:
+        raise ValueError(f"`steps` must be >= 1, got {steps}.")
+
+    def per_image_norm(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+
+    images = images.detach()
+    delta = torch.zeros_like(images)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = _classifier_loss(model, (images + delta).clamp(0, 1), labels)
+        (gradient,) = torch.autograd.grad(loss, delta)
+        delta = delta.detach() + 2.5 * epsilon / steps * gradient / per_image_norm(gradient)
+        delta = delta * (epsilon / per_image_norm(delta)).clamp(max=1.0)
+    return (images + delta).clamp(0, 1)
+
+
 def train_classifier(
     args,
     images: torch.Tensor,
@@ -434,6 +502,7 @@ def train_classifier(
     architecture: dict,
     seed: int,
     augmentation: float,
+    adversarial_epsilon: float = 0.0,
 ) -> MiniatureClassifier:
     torch.manual_seed(seed)
     model = MiniatureClassifier(classes, **architecture)
@@ -444,8 +513,11 @@ def train_classifier(
     progress = tqdm(range(args.classifier_steps), desc=f"classifier {sorted(classes)} seed {seed}")
     for _ in progress:
         index = next(batches)
-        logits = model(_augment(images[index], generator, augmentation))
-        loss = sum(F.cross_entropy(logits[name], labels[name][index]) for name in classes)
+        batch = _augment(images[index], generator, augmentation)
+        batch_labels = {name: labels[name][index] for name in classes}
+        if adversarial_epsilon > 0:
+            batch = adversarial_images(model, batch, batch_labels, adversarial_epsilon)
+        loss = _classifier_loss(model, batch, batch_labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -614,6 +686,7 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
             {"width": 32},
             args.seed + 3,
             0.0,
+            args.classifier_adversarial_epsilon,
         ),
         "classifier-eval": (
             ATTRIBUTES,
@@ -622,6 +695,7 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
             {"width": 24, "kernel_size": 5, "activation": "gelu", "pooling": "avg"},
             args.seed + 4,
             1.0,
+            0.0,
         ),
         "classifier-context": (
             {"occupation": OCCUPATION_NAMES},
@@ -630,16 +704,19 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
             {"width": 32},
             args.seed + 5,
             0.5,
+            0.0,
         ),
     }
     # Each classifier's data is built only if it is still to train (a resumed run skips the finished ones).
-    for name, (classes, stage_data, fresh_labels, architecture, seed, augmentation) in specs.items():
+    for name, (classes, stage_data, fresh_labels, architecture, seed, augmentation, epsilon) in specs.items():
         folder = os.path.join(args.output_dir, name)
         if os.path.isdir(folder):
             continue
         stage_images, stage_labels = stage_data()
         t = time.time()
-        model = train_classifier(args, stage_images, stage_labels, classes, architecture, seed, augmentation)
+        model = train_classifier(
+            args, stage_images, stage_labels, classes, architecture, seed, augmentation, adversarial_epsilon=epsilon
+        )
         metrics = {
             **{
                 f"accuracy_fresh_{k}": round(v, 4)
@@ -652,6 +729,7 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
             "architecture": json.dumps(architecture),
             "seed": seed,
             "steps": args.classifier_steps,
+            **({"adversarial_epsilon": epsilon} if epsilon > 0 else {}),
         }
         summary[name] = metrics
         role = {
@@ -661,6 +739,13 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
                 "(`diffusers_fair.miniature.hair_growth`), labelled `long` with probability "
                 f"sigmoid((k - {HAIR_MIDPOINT}) / {HAIR_SCALE}) for k of the 15 rows grown"
                 if num_growth > 0
+                else ""
+            )
+            + (
+                f". It also learned from adversarial copies of its images (L2 radius {epsilon}, {ADVERSARIAL_STEPS} "
+                "steps of projected gradient ascent: `diffusers_fair.miniature.train.adversarial_images`), so that "
+                "its input gradients point at the attributes' pixels"
+                if epsilon > 0
                 else ""
             ),
             "classifier-eval": "an independent classifier (other seed, architecture and augmentation) for evaluation",

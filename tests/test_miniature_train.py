@@ -215,9 +215,7 @@ def test_quick_training_end_to_end_is_reproducible_and_loadable(tmp_path, monkey
     # By default the train classifier also saw in-between hair (half as many people again); without them it differs.
     card = tmp_path / "a" / "classifier-train" / "README.md"
     assert "52 people with in-between hair" in card.read_text() and "adversarial copies" in card.read_text()
-    assert json.loads((tmp_path / "a" / "training_summary.json").read_text())["classifier-train"][
-        "adversarial_epsilon"
-    ] == pytest.approx(1.0)
+    assert summary["classifier-train"]["adversarial_epsilon"] == pytest.approx(1.0)
     before = load_file(tmp_path / "a" / "classifier-train" / "model.safetensors")
     shutil.rmtree(tmp_path / "a" / "classifier-train")
     again = main(["--output_dir", str(tmp_path / "a"), *args[:-1], "1", "--hair_growth_fraction", "0"])

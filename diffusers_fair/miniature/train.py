@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -653,6 +654,18 @@ def hair_growth_dataset(num_images: int, seed: int) -> MiniatureDataset:
     )
 
 
+class _ClassifierSpec(NamedTuple):
+    """How `_classifiers_stage` trains one classifier; `data` builds its training images and labels when called."""
+
+    classes: dict[str, list[str]]
+    data: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    fresh_labels: dict[str, torch.Tensor]
+    architecture: dict
+    seed: int
+    augmentation: float
+    adversarial_epsilon: float = 0.0
+
+
 def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
     """Trains the classifiers not yet in `args.output_dir`; returns their metrics and timings."""
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
@@ -679,55 +692,61 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
     occupation = {"occupation": data.occupations.repeat(2)}
     fresh_occupation = {"occupation": fresh.occupations}
     specs = {
-        "classifier-train": (
-            ATTRIBUTES,
-            train_data,
-            fresh.labels,
-            {"width": 32},
-            args.seed + 3,
-            0.0,
-            args.classifier_adversarial_epsilon,
+        "classifier-train": _ClassifierSpec(
+            classes=ATTRIBUTES,
+            data=train_data,
+            fresh_labels=fresh.labels,
+            architecture={"width": 32},
+            seed=args.seed + 3,
+            augmentation=0.0,
+            adversarial_epsilon=args.classifier_adversarial_epsilon,
         ),
-        "classifier-eval": (
-            ATTRIBUTES,
-            lambda: (images, labels),
-            fresh.labels,
-            {"width": 24, "kernel_size": 5, "activation": "gelu", "pooling": "avg"},
-            args.seed + 4,
-            1.0,
-            0.0,
+        "classifier-eval": _ClassifierSpec(
+            classes=ATTRIBUTES,
+            data=lambda: (images, labels),
+            fresh_labels=fresh.labels,
+            architecture={"width": 24, "kernel_size": 5, "activation": "gelu", "pooling": "avg"},
+            seed=args.seed + 4,
+            augmentation=1.0,
         ),
-        "classifier-context": (
-            {"occupation": OCCUPATION_NAMES},
-            lambda: (images, occupation),
-            fresh_occupation,
-            {"width": 32},
-            args.seed + 5,
-            0.5,
-            0.0,
+        "classifier-context": _ClassifierSpec(
+            classes={"occupation": OCCUPATION_NAMES},
+            data=lambda: (images, occupation),
+            fresh_labels=fresh_occupation,
+            architecture={"width": 32},
+            seed=args.seed + 5,
+            augmentation=0.5,
         ),
     }
     # Each classifier's data is built only if it is still to train (a resumed run skips the finished ones).
-    for name, (classes, stage_data, fresh_labels, architecture, seed, augmentation, epsilon) in specs.items():
+    for name, spec in specs.items():
         folder = os.path.join(args.output_dir, name)
         if os.path.isdir(folder):
             continue
-        stage_images, stage_labels = stage_data()
+        stage_images, stage_labels = spec.data()
         t = time.time()
+        epsilon = spec.adversarial_epsilon
         model = train_classifier(
-            args, stage_images, stage_labels, classes, architecture, seed, augmentation, adversarial_epsilon=epsilon
+            args,
+            stage_images,
+            stage_labels,
+            spec.classes,
+            spec.architecture,
+            spec.seed,
+            spec.augmentation,
+            adversarial_epsilon=epsilon,
         )
         metrics = {
             **{
                 f"accuracy_fresh_{k}": round(v, 4)
-                for k, v in classifier_accuracy(model, fresh.images, fresh_labels).items()
+                for k, v in classifier_accuracy(model, fresh.images, spec.fresh_labels).items()
             },
             **{
                 f"accuracy_vae_round_trip_{k}": round(v, 4)
-                for k, v in classifier_accuracy(model, fresh_round_trip, fresh_labels).items()
+                for k, v in classifier_accuracy(model, fresh_round_trip, spec.fresh_labels).items()
             },
-            "architecture": json.dumps(architecture),
-            "seed": seed,
+            "architecture": json.dumps(spec.architecture),
+            "seed": spec.seed,
             "steps": args.classifier_steps,
             **({"adversarial_epsilon": epsilon} if epsilon > 0 else {}),
         }
@@ -751,7 +770,7 @@ def _classifiers_stage(args, data, vae_dir: str) -> tuple[dict, dict]:
             "classifier-eval": "an independent classifier (other seed, architecture and augmentation) for evaluation",
             "classifier-context": "the occupation (context) classifier that measures semantics preservation",
         }[name]
-        num_classes = json.dumps({k: len(v) for k, v in classes.items()})
+        num_classes = json.dumps({k: len(v) for k, v in spec.classes.items()})
         body = f"""
 A `diffusers_fair.miniature.MiniatureClassifier` (`diffusers_fair.AttributeClassifier`): {role}. Input
 `(B, 3, 32, 32)` images in `[0, 1]`; output per-attribute logits over {num_classes}

@@ -5,7 +5,9 @@ Measures what the miniature world must show (numbers in `diffusers_fair/miniatur
 
 Writes `DIR/measurements.json` and `DIR/grid.png`. Everything is seeded; attributes of generated images are read by
 the independent "eval" classifier (the "train" classifier's numbers are reported too), context by the occupation
-classifier.
+classifier. Two numbers locate what a shortfall comes from: the correlation a generator drawing exactly from the data's
+distributions would reach at the same number of images (`correlation_ceiling`), and how often the U-Net keeps each
+attribute when it denoises a noised render of a known person (`denoising_round_trip`).
 """
 
 import argparse
@@ -15,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
 from ..metrics import bias_score
@@ -41,7 +44,52 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads.")
     parser.add_argument("--fresh_images_per_occupation", type=int, default=20, help="For classifier accuracy.")
-    return parser.parse_args(input_args)
+    parser.add_argument(
+        "--round_trip_strengths",
+        type=float,
+        nargs="*",
+        default=[0.2, 0.3, 0.45],
+        help="Denoising round trips: fresh renders noised to each of these fractions of the schedule (img2img "
+        "strength) and denoised by the U-Net with their occupation's prompt at guidance 1; the eval classifier's "
+        "accuracy on them says how often the U-Net keeps each attribute. The flag with no values skips them.",
+    )
+    parser.add_argument("--round_trip_images_per_occupation", type=int, default=4)
+    args = parser.parse_args(input_args)
+    for strength in args.round_trip_strengths:
+        if not 0 < strength <= 1:
+            raise ValueError(f"`--round_trip_strengths` must each be in (0, 1], got {strength}.")
+    return args
+
+
+def correlation_ceiling(
+    distributions: np.ndarray, images_per_prompt: int, draws: int = 200, seed: int = 0
+) -> tuple[float, float]:
+    r"""
+    The correlation with the data that a generator drawing exactly from the data's distributions reaches when each
+    prompt gets `images_per_prompt` images: the ceiling sampling noise puts on the measured correlation.
+
+    Args:
+        distributions (`np.ndarray` of shape `(num_occupations, num_classes)`): each row a distribution.
+        images_per_prompt (`int`): images drawn per occupation, >= 1.
+        draws (`int`, *optional*, defaults to 200): simulated generators.
+        seed (`int`, *optional*, defaults to 0): seed of the draws.
+
+    Returns:
+        `(mean, 5th percentile)` over the draws of Pearson's correlation, computed as `main` computes it (the second
+        class's frequency for binary attributes, all classes otherwise).
+
+    Raises:
+        `ValueError`: `images_per_prompt` or `draws` is below 1.
+    """
+    if images_per_prompt < 1 or draws < 1:
+        raise ValueError(f"`images_per_prompt` and `draws` must be >= 1, got {images_per_prompt} and {draws}.")
+    rng = np.random.default_rng(seed)
+    data = _frequency_vector({"a": distributions}, "a")
+    correlations = []
+    for _ in range(draws):
+        counts = np.stack([rng.multinomial(images_per_prompt, p / p.sum()) for p in distributions])
+        correlations.append(np.corrcoef(data, _frequency_vector({"a": counts / images_per_prompt}, "a"))[0, 1])
+    return float(np.mean(correlations)), float(np.percentile(correlations, 5))
 
 
 def _frequency_vector(frequencies: dict[str, np.ndarray], attribute: str) -> np.ndarray:
@@ -113,6 +161,9 @@ def main(input_args: list[str] | None = None) -> dict:
             results[f"{split}/data/{attribute}/mean_bias"] = round(
                 float(np.mean([bias_score(f) for f in data[attribute]])), 4
             )
+            mean, low = correlation_ceiling(data[attribute], args.images_per_prompt)
+            results[f"{split}/perfect_generator/{attribute}/correlation_ceiling"] = round(mean, 4)
+            results[f"{split}/perfect_generator/{attribute}/correlation_ceiling_5th_percentile"] = round(low, 4)
         context = [
             float((predictions["context"][o.name]["occupation"] == OCCUPATION_NAMES.index(o.name)).float().mean())
             for o in occupations
@@ -137,7 +188,26 @@ def main(input_args: list[str] | None = None) -> dict:
             for attribute, accuracy in classifier_accuracy(classifiers[kind], images, labels).items():
                 results[f"classifier_{kind}/{name}/{attribute}/accuracy"] = round(accuracy, 4)
 
-    # 5. Throughput at batch 16, 20 steps (after one warm-up call).
+    # 5. Denoising round trips: does the U-Net keep a known person's attributes (guidance 1, own occupation's prompt)?
+    if args.round_trip_strengths:
+        people = sample_dataset(images_per_occupation=args.round_trip_images_per_occupation, seed=args.seed + 98)
+        prompts = [OCCUPATIONS[int(o)].prompt(args.template) for o in people.occupations]
+        img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipeline)
+        img2img.set_progress_bar_config(disable=True)
+        for strength in args.round_trip_strengths:
+            denoised = img2img(
+                prompts,
+                image=people.images,
+                strength=strength,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=1.0,
+                generator=torch.Generator().manual_seed(args.seed),
+                output_type="pt",
+            ).images
+            for attribute, accuracy in classifier_accuracy(classifiers["eval"], denoised, people.labels).items():
+                results[f"denoising_round_trip/strength_{strength}/{attribute}/eval_accuracy"] = round(accuracy, 4)
+
+    # 6. Throughput at batch 16, 20 steps (after one warm-up call).
     prompt = OCCUPATIONS[0].prompt(args.template)
     kwargs = dict(num_images_per_prompt=16, num_inference_steps=20, guidance_scale=args.guidance_scale)
     pipeline(prompt, **kwargs, output_type="pt")
@@ -148,7 +218,7 @@ def main(input_args: list[str] | None = None) -> dict:
         16 * repeats / (time.time() - start), 1
     )
 
-    # 6. Grid: 8 images for 6 training and 6 held-out occupations, 3x nearest-neighbour upscaling.
+    # 7. Grid: 8 images for 6 training and 6 held-out occupations, 3x nearest-neighbour upscaling.
     rows = train_occupations[:6] + OCCUPATIONS_HELDOUT[:6]
     grid = torch.cat([torch.cat(list(generated[o.name][:8]), dim=2) for o in rows], dim=1)
     picture = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

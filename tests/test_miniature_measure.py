@@ -35,9 +35,11 @@ def test_correlation_ceiling_rejects_bad_sizes():
         correlation_ceiling(distributions, 8, draws=0)
 
 
-def test_measure_bad_round_trip_strength_is_rejected(tmp_path):
+def test_measure_bad_round_trip_arguments_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="--round_trip_strengths"):
         main(["--output_dir", str(tmp_path), "--round_trip_strengths", "0.2", "1.5"])
+    with pytest.raises(ValueError, match="--round_trip_images_per_occupation"):
+        main(["--output_dir", str(tmp_path), "--round_trip_images_per_occupation", "0"])
 
 
 def test_measure_small_run_on_the_shipped_artefacts(tmp_path):

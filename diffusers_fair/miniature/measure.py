@@ -53,8 +53,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "strength) and denoised by the U-Net with their occupation's prompt at guidance 1; the eval classifier's "
         "accuracy on them says how often the U-Net keeps each attribute. The flag with no values skips them.",
     )
-    parser.add_argument("--round_trip_images_per_occupation", type=int, default=4)
+    parser.add_argument(
+        "--round_trip_images_per_occupation", type=int, default=4, help="Renders per occupation in the round trips."
+    )
     args = parser.parse_args(input_args)
+    if args.round_trip_images_per_occupation < 1:
+        raise ValueError(
+            f"`--round_trip_images_per_occupation` must be >= 1, got {args.round_trip_images_per_occupation}; pass "
+            "`--round_trip_strengths` with no values to skip the round trips."
+        )
     for strength in args.round_trip_strengths:
         if not 0 < strength <= 1:
             raise ValueError(f"`--round_trip_strengths` must each be in (0, 1], got {strength}.")

@@ -91,17 +91,17 @@ def correlation_ceiling(
     if images_per_prompt < 1 or draws < 1:
         raise ValueError(f"`images_per_prompt` and `draws` must be >= 1, got {images_per_prompt} and {draws}.")
     rng = np.random.default_rng(seed)
-    data = _frequency_vector({"a": distributions}, "a")
+    data = _frequency_vector(distributions)
     correlations = []
     for _ in range(draws):
         counts = np.stack([rng.multinomial(images_per_prompt, p / p.sum()) for p in distributions])
-        correlations.append(np.corrcoef(data, _frequency_vector({"a": counts / images_per_prompt}, "a"))[0, 1])
+        correlations.append(np.corrcoef(data, _frequency_vector(counts / images_per_prompt))[0, 1])
     return float(np.mean(correlations)), float(np.percentile(correlations, 5))
 
 
-def _frequency_vector(frequencies: dict[str, np.ndarray], attribute: str) -> np.ndarray:
+def _frequency_vector(values: np.ndarray) -> np.ndarray:
+    """The frequencies `(num_occupations, num_classes)` that a correlation compares, flattened."""
     # Binary attributes: the frequency of the second class only (both would double-count one number).
-    values = frequencies[attribute]
     return values[:, 1] if values.shape[1] == 2 else values.reshape(-1)
 
 
@@ -154,7 +154,7 @@ def main(input_args: list[str] | None = None) -> dict:
         for kind in ("eval", "train"):
             gen = frequencies(kind, occupations)
             for attribute in ATTRIBUTES:
-                x, y = _frequency_vector(data, attribute), _frequency_vector(gen, attribute)
+                x, y = _frequency_vector(data[attribute]), _frequency_vector(gen[attribute])
                 results[f"{split}/{kind}_classifier/{attribute}/correlation"] = round(
                     float(np.corrcoef(x, y)[0, 1]), 4
                 )

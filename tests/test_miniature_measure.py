@@ -66,6 +66,32 @@ def test_measure_small_run_on_the_shipped_artefacts(tmp_path):
     assert saved.keys() == results.keys() and saved["generated_images"] == results["generated_images"]
     assert (tmp_path / "grid.png").is_file()
     assert results["generated_images"] == 2 * (3 + len(OCCUPATIONS_HELDOUT))
+    # Per-occupation frequencies: the measured occupations, the world's data, and the summary's errors recomputed.
+    saved = json.loads((tmp_path / "frequencies.json").read_text())
+    measured = OCCUPATIONS_TRAIN[:3] + OCCUPATIONS_HELDOUT
+    assert list(saved["occupations"]) == [o.name for o in measured] and saved["images_per_prompt"] == 2
+    for occupation in measured:
+        entry = saved["occupations"][occupation.name]
+        assert entry["split"] == ("heldout" if occupation.heldout else "train")
+        for attribute, classes in saved["classes"].items():
+            assert entry["data"][attribute] == list(occupation.distributions[attribute])
+            for kind in ("eval", "train"):
+                frequencies = np.array(entry[f"{kind}_classifier"][attribute])
+                assert len(frequencies) == len(classes) and frequencies.sum() == pytest.approx(1.0)
+                assert set((frequencies * 2).round(6)) <= {0.0, 1.0, 2.0}  # counts out of 2 images
+            assert entry["eval_train_agreement"][attribute] in (0.0, 0.5, 1.0)
+    for attribute in ("hair", "skin", "age"):
+        shares = [e["eval_train_agreement"][attribute] for e in saved["occupations"].values()]
+        assert results[f"generated/eval_train_agreement/{attribute}"] == pytest.approx(np.mean(shares), abs=1e-4)
+    for kind in ("eval", "train"):
+        for attribute in ("hair", "skin", "age"):
+            entries = [saved["occupations"][o.name] for o in OCCUPATIONS_HELDOUT]
+            error = np.mean(
+                [np.abs(np.subtract(e["data"][attribute], e[f"{kind}_classifier"][attribute])) for e in entries]
+            )
+            assert results[f"heldout/{kind}_classifier/{attribute}/mean_abs_frequency_error"] == pytest.approx(
+                error, abs=1e-4
+            )
     for attribute in ("hair", "skin", "age"):  # (over 3 training occupations a draw can be constant: NaN, as in main)
         assert 0 < results[f"heldout/perfect_generator/{attribute}/correlation_ceiling"] < 1
     # Barely noised renders come back as they were (the U-Net and the img2img wiring keep every attribute); the

@@ -3,11 +3,13 @@ Measures what the miniature world must show (numbers in `diffusers_fair/miniatur
 
     python -m diffusers_fair.miniature.measure --output_dir DIR [--images_per_prompt 64] [--weights_dir W]
 
-Writes `DIR/measurements.json` and `DIR/grid.png`. Everything is seeded; attributes of generated images are read by
-the independent "eval" classifier (the "train" classifier's numbers are reported too), context by the occupation
-classifier. Two numbers locate what a shortfall comes from: the correlation a generator drawing exactly from the data's
-distributions would reach at the same number of images (`correlation_ceiling`), and how often the U-Net keeps each
-attribute when it denoises a noised render of a known person (`denoising_round_trip`).
+Writes `DIR/measurements.json`, `DIR/frequencies.json` (each occupation's data distributions, generated frequencies
+and classifier agreement, for breakdowns the summary does not make) and `DIR/grid.png`. Everything is seeded;
+attributes of generated images are read by the independent "eval" classifier (the "train" classifier's numbers are
+reported too), context by the occupation classifier. Two numbers locate what a shortfall comes from: the correlation a
+generator drawing exactly from the data's distributions would reach at the same number of images
+(`correlation_ceiling`), and how often the U-Net keeps each attribute when it denoises a noised render of a known
+person (`denoising_round_trip`).
 """
 
 import argparse
@@ -149,10 +151,17 @@ def main(input_args: list[str] | None = None) -> dict:
             for a, classes in ATTRIBUTES.items()
         }
 
+    per_occupation = {}
     for split, occupations in (("train", train_occupations), ("heldout", OCCUPATIONS_HELDOUT)):
         data = {a: np.array([o.distributions[a] for o in occupations]) for a in ATTRIBUTES}
         for kind in ("eval", "train"):
             gen = frequencies(kind, occupations)
+            for row, occupation in enumerate(occupations):
+                entry = per_occupation.setdefault(
+                    occupation.name,
+                    {"split": split, "data": {a: list(occupation.distributions[a]) for a in ATTRIBUTES}},
+                )
+                entry[f"{kind}_classifier"] = {a: [float(f) for f in gen[a][row]] for a in ATTRIBUTES}
             for attribute in ATTRIBUTES:
                 x, y = _frequency_vector(data[attribute]), _frequency_vector(gen[attribute])
                 results[f"{split}/{kind}_classifier/{attribute}/correlation"] = round(
@@ -185,6 +194,8 @@ def main(input_args: list[str] | None = None) -> dict:
             for name in generated
         ]
         results[f"generated/eval_train_agreement/{attribute}"] = round(float(torch.stack(agree).mean()), 4)
+        for name, share in zip(generated, agree):
+            per_occupation[name].setdefault("eval_train_agreement", {})[attribute] = float(share)
 
     # 4. Classifier accuracy on fresh renders and on their VAE round-trips.
     fresh = sample_dataset(images_per_occupation=args.fresh_images_per_occupation, seed=args.seed + 99)
@@ -233,6 +244,10 @@ def main(input_args: list[str] | None = None) -> dict:
     picture.save(os.path.join(args.output_dir, "grid.png"))
     results["grid_rows"] = [o.name for o in rows]
 
+    atomic_write_json(
+        os.path.join(args.output_dir, "frequencies.json"),
+        {"classes": ATTRIBUTES, "images_per_prompt": args.images_per_prompt, "occupations": per_occupation},
+    )
     atomic_write_json(os.path.join(args.output_dir, "measurements.json"), results)
     print(json.dumps(results, indent=2))
     return results

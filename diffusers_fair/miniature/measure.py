@@ -154,14 +154,18 @@ def main(input_args: list[str] | None = None) -> dict:
     per_occupation = {}
     for split, occupations in (("train", train_occupations), ("heldout", OCCUPATIONS_HELDOUT)):
         data = {a: np.array([o.distributions[a] for o in occupations]) for a in ATTRIBUTES}
+        for occupation in occupations:
+            per_occupation[occupation.name] = {
+                "split": split,
+                "data": {a: list(occupation.distributions[a]) for a in ATTRIBUTES},
+                "eval_train_agreement": {},
+            }
         for kind in ("eval", "train"):
             gen = frequencies(kind, occupations)
             for row, occupation in enumerate(occupations):
-                entry = per_occupation.setdefault(
-                    occupation.name,
-                    {"split": split, "data": {a: list(occupation.distributions[a]) for a in ATTRIBUTES}},
-                )
-                entry[f"{kind}_classifier"] = {a: [float(f) for f in gen[a][row]] for a in ATTRIBUTES}
+                per_occupation[occupation.name][f"{kind}_classifier"] = {
+                    a: [float(f) for f in gen[a][row]] for a in ATTRIBUTES
+                }
             for attribute in ATTRIBUTES:
                 x, y = _frequency_vector(data[attribute]), _frequency_vector(gen[attribute])
                 results[f"{split}/{kind}_classifier/{attribute}/correlation"] = round(
@@ -195,7 +199,7 @@ def main(input_args: list[str] | None = None) -> dict:
         ]
         results[f"generated/eval_train_agreement/{attribute}"] = round(float(torch.stack(agree).mean()), 4)
         for name, share in zip(generated, agree):
-            per_occupation[name].setdefault("eval_train_agreement", {})[attribute] = float(share)
+            per_occupation[name]["eval_train_agreement"][attribute] = float(share)
 
     # 4. Classifier accuracy on fresh renders and on their VAE round-trips.
     fresh = sample_dataset(images_per_occupation=args.fresh_images_per_occupation, seed=args.seed + 99)

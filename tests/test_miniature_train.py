@@ -15,19 +15,16 @@ from diffusers_fair.miniature import (
     load_classifier,
     load_clip,
     load_pipeline,
-    render,
     sample_dataset,
 )
 from diffusers_fair.miniature import train as miniature_train
 from diffusers_fair.miniature.models import MiniatureClassifier
 from diffusers_fair.miniature.train import (
     CAPTIONS,
-    FACE_LATENT_CELLS,
     HAIR_MIDPOINT,
     HAIR_SCALE,
     adversarial_images,
     draw_captions,
-    face_loss_weights,
     hair_growth_dataset,
     main,
     min_snr_weights,
@@ -56,8 +53,6 @@ def test_parse_args_budgets_and_errors():
         parse_args(["--output_dir", "x", "--hair_growth_fraction", "-0.1"])
     with pytest.raises(ValueError, match="--classifier_adversarial_epsilon"):
         parse_args(["--output_dir", "x", "--classifier_adversarial_epsilon", "-1"])
-    with pytest.raises(ValueError, match="--face_loss_weight"):
-        parse_args(["--output_dir", "x", "--face_loss_weight", "0"])
     assert parse_args(["--output_dir", "x"]).classifier_adversarial_epsilon == 1.0
 
 
@@ -172,23 +167,6 @@ def test_min_snr_weights():
     torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=0)
     # Clean (low-t) timesteps are down-weighted, noisy ones keep weight 1.
     assert weights[0] < 0.01 and bool((weights[snr <= 5.0] == 1).all()) and int((snr <= 5.0).sum()) > 500
-
-
-def test_face_loss_weights_put_the_weight_on_the_skin():
-    weights = face_loss_weights(4.0)
-    assert weights.shape == (8, 8) and abs(weights.mean().item() - 1) < 1e-6
-    face = torch.zeros(8, 8, dtype=torch.bool)
-    face[FACE_LATENT_CELLS] = True
-    assert int(face.sum()) == 6
-    torch.testing.assert_close(weights[face] / weights[~face].max(), torch.full((6,), 4.0))
-    assert bool((face_loss_weights(1.0) == 1).all())
-    # The weighted cells' pixels are mostly skin in every render (the pixels that change with the tone), whatever
-    # the face's +-1 px shift, while skin is under a tenth of the image.
-    for seed in range(16):
-        light, dark = (render("nurse", hair="short", skin=s, age="old", generator=seed) for s in ("light", "dark"))
-        skin = (light - dark).abs().amax(dim=0) > 0.2
-        cells = skin.reshape(8, 4, 8, 4).float().mean(dim=(1, 3))
-        assert cells[face].mean() >= 0.5 and skin.float().mean() <= 0.1, seed
 
 
 @pytest.mark.slow

@@ -106,10 +106,6 @@ def test_occupations_cover_the_required_biases():
         int(np.argmax(o.distributions["skin"])) for o in OCCUPATIONS if max(o.distributions["skin"]) > 0.5
     }
     assert dominant_skin == set(range(4))
-    # No profile is split between two tones (guidance pushes such splits onto one tone): one top tone, or uniform.
-    for occupation in OCCUPATIONS:
-        top, second = sorted(occupation.distributions["skin"], reverse=True)[:2]
-        assert top > second or max(occupation.distributions["skin"]) == 0.25, occupation.name
 
 
 def test_templates():

@@ -66,7 +66,6 @@ from .tokenizer import build_tokenizer
 from .world import (
     ATTRIBUTE_WORDS,
     ATTRIBUTES,
-    IMAGE_SIZE,
     OCCUPATION_NAMES,
     OCCUPATIONS,
     TEMPLATES,
@@ -97,9 +96,6 @@ HAIR_SCALE = 1.5
 # The train classifier also learns from adversarial copies of its batches (L2 projected gradient ascent,
 # `--classifier_adversarial_epsilon`), taking this many ascent steps per batch.
 ADVERSARIAL_STEPS = 3
-# The latent cells (of the 8x8 latent; each is 4x4 pixels) at the centre of every face, whatever its +-1 px shift:
-# rows 2-4, columns 3-4, pixels 8-19 x 12-19. `--face_loss_weight` weights the U-Net's error there.
-FACE_LATENT_CELLS = (slice(2, 5), slice(3, 5))
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -140,14 +136,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=5.0,
         help="Min-SNR-gamma loss weighting (Hang et al., 2023; 5.0 is the usual value): each timestep's loss is "
         "weighted by min(SNR, gamma) / SNR, so that low-noise timesteps do not dominate; 0 turns it off.",
-    )
-    parser.add_argument(
-        "--face_loss_weight",
-        type=float,
-        default=4.0,
-        help="The U-Net's squared error on the latent cells at the centre of the face (rows 2-4, columns 3-4 of "
-        "the 8x8 latent: pixels 8-19 x 12-19, where the skin tone is) counts this many times as much as elsewhere, "
-        "renormalised to a mean weight of 1 (`face_loss_weights`). 1: uniform.",
     )
     parser.add_argument(
         "--hair_growth_fraction",
@@ -192,8 +180,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         )
     if args.snr_gamma < 0:
         raise ValueError(f"`--snr_gamma` must be >= 0 (0: no weighting), got {args.snr_gamma}.")
-    if not args.face_loss_weight > 0:
-        raise ValueError(f"`--face_loss_weight` must be > 0 (1: uniform), got {args.face_loss_weight}.")
     if args.hair_growth_fraction < 0:
         raise ValueError(f"`--hair_growth_fraction` must be >= 0 (0: renders only), got {args.hair_growth_fraction}.")
     if not args.classifier_adversarial_epsilon >= 0:
@@ -338,16 +324,6 @@ def train_vae(args, data, stage_dir: str) -> dict:
     return {"vae_psnr_db": round(10 * math.log10(1.0 / mse), 2), "scaling_factor": round(scaling_factor, 4)}
 
 
-def face_loss_weights(face_weight: float) -> torch.Tensor:
-    """
-    Per-cell weights of the U-Net's squared error on the 8x8 latents, shape `(8, 8)`: `face_weight` on the cells at
-    the centre of the face (`FACE_LATENT_CELLS`), 1 elsewhere, divided by their mean so that the loss keeps its scale.
-    """
-    weights = torch.ones(IMAGE_SIZE // 4, IMAGE_SIZE // 4)
-    weights[FACE_LATENT_CELLS] = face_weight
-    return weights / weights.mean()
-
-
 def train_pipeline(
     args,
     data,
@@ -383,7 +359,6 @@ def train_pipeline(
     )
     generator = torch.Generator().manual_seed(args.seed + 2)
     batches = _batches(generator, len(means), args.train_batch_size)
-    face_weights = face_loss_weights(args.face_loss_weight)
     progress = tqdm(range(args.unet_steps), desc="unet")
     losses = []
     for step in progress:
@@ -397,11 +372,9 @@ def train_pipeline(
         timesteps = torch.randint(0, 1000, (len(index),), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         embeddings = embeddings + args.text_embedding_noise * torch.randn(embeddings.shape, generator=generator)
-        squared_error = F.mse_loss(unet(noisy, timesteps, embeddings).sample, noise, reduction="none")
-        mse = squared_error.mean(dim=(1, 2, 3))
-        weighted_mse = (squared_error * face_weights).mean(dim=(1, 2, 3))
+        mse = F.mse_loss(unet(noisy, timesteps, embeddings).sample, noise, reduction="none").mean(dim=(1, 2, 3))
         weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma > 0 else 1.0
-        loss = (weighted_mse * weights).mean()
+        loss = (mse * weights).mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -434,7 +407,6 @@ def train_pipeline(
         vae_parameters=sum(p.numel() for p in vae.parameters()),
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
-        face_loss_weight=args.face_loss_weight,
         train_batch_size=args.train_batch_size,
         training_images=len(means),
     )

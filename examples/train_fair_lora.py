@@ -54,7 +54,7 @@ from diffusers_fair.utils import atomic_write, atomic_write_json, check_processe
 logger = get_logger(__name__)
 
 MINIATURE = "miniature"
-MINIATURE_DEFAULTS = {  # the demo: about 10 minutes on 2 CPU cores
+MINIATURE_DEFAULTS = {  # the demo: 5-9 minutes on 2 CPU cores (budget: 10)
     "classifier": "miniature-train",
     "eval_classifier": "miniature-eval",
     "context_classifier": "miniature-context",

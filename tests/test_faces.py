@@ -160,6 +160,24 @@ def test_crop_is_differentiable_and_gradients_stay_under_the_square(astronaut, d
     assert grad[~inside].abs().max() == 0
 
 
+def test_crop_of_each_image_does_not_depend_on_the_rest_of_the_batch():
+    # The supersampling factor follows each square's own side (here 1, 1, 4 and 2), not the batch's largest square
+    # or a no-face row: the audit crops image by image, training crops whole batches of varying content.
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 128, 128, requires_grad=True)
+    nan = float("nan")
+    boxes = torch.tensor([[40.0, 30.0, 60.0, 54.0], [nan] * 4, [10.0, 8.0, 118.0, 120.0], [20.0, 50.0, 56.0, 90.0]])
+    crops = crop_faces(images, boxes, size=16)
+    crops.square().sum().backward()
+    assert crops[1].abs().max() == 0
+    for index in range(4):
+        alone = images.detach()[index : index + 1].clone().requires_grad_(True)
+        crop = crop_faces(alone, boxes[index : index + 1], size=16)
+        crop.square().sum().backward()
+        torch.testing.assert_close(crops[index : index + 1], crop, atol=1e-6, rtol=0)
+        torch.testing.assert_close(images.grad[index : index + 1], alone.grad, atol=1e-6, rtol=0)
+
+
 def test_crop_refuses_zero_area_boxes_and_blanks_missing_faces():
     images = torch.rand(2, 3, 16, 16, requires_grad=True)
     with pytest.raises(ValueError, match=r"rows \[1\] have zero or negative area"):

@@ -1,7 +1,5 @@
 """Differentiable face crops (for the classifier and the face-realism loss) and face-region masks."""
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -59,8 +57,10 @@ def crop_faces(
     Differentiable square crop-and-resize of one face per image (bilinear `grid_sample`).
 
     The crop is the square of [`square_boxes`]; parts outside the image are black (zeros), as in dlib's face chips.
-    When the square is more than twice `size`, it is sampled at up to 4x `size` and area-averaged down, to avoid
-    aliasing. Gradients reach only the pixels under the square (plus the one-pixel bilinear support at its edge).
+    When the square is at least twice `size`, it is sampled at `floor(side / size)` times `size` (at most 4x) and
+    area-averaged down, to avoid aliasing. The factor is chosen per square, so each crop depends only on its own image
+    and box, never on the rest of the batch. Gradients reach only the pixels under the square (plus the one-pixel
+    bilinear support at its edge).
 
     Args:
         images (`torch.Tensor` of shape `(B, 3, H, W)`): Values in `[0, 1]`.
@@ -83,8 +83,11 @@ def crop_faces(
     found = ~torch.isnan(boxes).any(dim=1)
     squares = square_boxes(torch.where(found[:, None], boxes, boxes.new_tensor([0.0, 0.0, width, height])), margin)
     side = (squares[:, 2] - squares[:, 0]).to(torch.float64)
-    factor = int(min(MAX_SUPERSAMPLING, max(1, math.floor(float(side.max()) / size))))
-    sample = size * factor
+    # The supersampling factor is per square, not per batch: a crop must be a function of its own image and box (the
+    # audit crops image by image, training crops batches of varying content). No-face rows are blanked below, so they
+    # take the cheapest factor; they stay in the graph so that the images always get a (zero) gradient.
+    factors = torch.floor(side / size).clamp(1, MAX_SUPERSAMPLING).to(torch.int64)
+    factors = torch.where(found, factors, torch.ones_like(factors))
     # affine_grid maps output coordinates u in [-1, 1] to input coordinates normalised by the image size
     # (align_corners=False: -1 and 1 are the outer edges of the border pixels).
     center = (squares[:, :2] + squares[:, 2:]) / 2
@@ -93,10 +96,15 @@ def crop_faces(
     theta[:, 1, 1] = (squares[:, 3] - squares[:, 1]) / height
     theta[:, 0, 2] = 2 * center[:, 0] / width - 1
     theta[:, 1, 2] = 2 * center[:, 1] / height - 1
-    grid = F.affine_grid(theta, (batch, 3, sample, sample), align_corners=False)
-    crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if factor > 1:
-        crops = F.avg_pool2d(crops, factor)
+    groups, rows_of_groups = [], []
+    for factor in factors.unique().tolist():
+        rows = (factors == factor).nonzero().flatten()
+        sample = size * factor
+        grid = F.affine_grid(theta[rows], (len(rows), 3, sample, sample), align_corners=False)
+        group = F.grid_sample(images[rows], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        groups.append(F.avg_pool2d(group, factor) if factor > 1 else group)
+        rows_of_groups.append(rows)
+    crops = torch.cat(groups)[torch.cat(rows_of_groups).argsort()]
     return torch.where(found.view(-1, 1, 1, 1), crops, torch.zeros_like(crops))
 
 

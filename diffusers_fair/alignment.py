@@ -151,10 +151,15 @@ def expected_ot_targets(
     n, k = p.shape
     if target.shape[0] != k:
         raise ValueError(f"`target_probs` has {target.shape[0]} classes but `probs` has {k}; give one per column.")
+    # NaN compares False with everything, so the range checks below would let it through.
+    if not np.isfinite(target).all():
+        raise ValueError(f"`target_probs` must be finite, got {target.tolist()}.")
     if (target < 0).any() or abs(target.sum() - 1.0) > 1e-6:
         raise ValueError(
-            f"`target_probs` must be non-negative and sum to 1, got {target.tolist()} (sum {target.sum():.6g})."
+            f"`target_probs` must be non-negative and sum to 1, got {target.tolist()} (sum {target.sum():.12g})."
         )
+    if not np.isfinite(p).all():
+        raise ValueError("`probs` must be finite, but it holds NaN or infinite values; check the classifier's logits.")
     if n and ((p < -1e-6).any() or np.abs(p.sum(axis=1) - 1.0).max() > 1e-3):
         raise ValueError(
             "`probs` rows must be probability vectors (non-negative, summing to 1); apply a softmax first."
@@ -400,6 +405,11 @@ class DistributionalAlignmentLoss(nn.Module):
             joint = _joint_log_probs(batch_log_probs, factor.attributes)
             local_joint = joint if gather is None else _joint_log_probs(log_probs, factor.attributes)
             probs = joint.detach().exp()
+            # Rows with non-finite logits (a diverged or overflowing step) get uniform probabilities for the transport
+            # only: their log-probabilities stay NaN, so the step's gradient is not finite, which training loops skip
+            # and report (as `examples/train_fair_lora.py` does), instead of stopping the run.
+            finite = torch.isfinite(probs).all(dim=1, keepdim=True)
+            probs = torch.where(finite, probs, torch.full_like(probs, 1.0 / probs.shape[1]))
             q = torch.zeros_like(probs)
             if factor.given:
                 row = torch.zeros(n, dtype=torch.long, device=device)

@@ -13,9 +13,12 @@ def _checked_probabilities(name: str, probabilities) -> torch.Tensor:
     probs = torch.as_tensor(probabilities, dtype=torch.float64).flatten()
     if probs.numel() < 2:
         raise ValueError(f"`{name}` needs at least two classes, got {probs.numel()}.")
+    # NaN compares False with everything, so the range check below would let it through.
+    if not torch.isfinite(probs).all():
+        raise ValueError(f"`{name}` must be finite, got {probs.tolist()}.")
     if (probs < 0).any() or abs(float(probs.sum()) - 1.0) > 1e-6:
         raise ValueError(
-            f"`{name}` must be non-negative and sum to 1, got {probs.tolist()} (sum {float(probs.sum()):.6g})."
+            f"`{name}` must be non-negative and sum to 1, got {probs.tolist()} (sum {float(probs.sum()):.12g})."
         )
     return probs
 

@@ -84,12 +84,15 @@ def _check_classes(attribute: str, classes: Sequence[str]) -> list[str]:
 
 def _check_probabilities(name: str, probs: Sequence[float]) -> None:
     probs = [float(p) for p in probs]
-    negative = [p for p in probs if p < 0 or math.isnan(p)]
+    negative = [p for p in probs if p < 0 or not math.isfinite(p)]
     if negative:
-        raise ValueError(f"Target {name!r} has negative (or NaN) probabilities {negative}; use values in [0, 1].")
+        raise ValueError(
+            f"Target {name!r} has negative or non-finite probabilities {negative}; use finite values in [0, 1]."
+        )
     total = math.fsum(probs)
     if abs(total - 1.0) > _SUM_TOLERANCE:
-        raise ValueError(f"Target probabilities of {name!r} must sum to 1, but they sum to {total:.6g}.")
+        # 12 significant digits, so a sum just outside the tolerance (e.g. 1.000002) is not printed as "1".
+        raise ValueError(f"Target probabilities of {name!r} must sum to 1, but they sum to {total:.12g}.")
 
 
 class TargetDistribution:
@@ -426,7 +429,9 @@ class TargetDistribution:
         """The CLI string of this target (round-trips through `from_string` for unconditional/shared-row tables)."""
         terms = []
         for f in self.factors:
-            cells = ",".join(f"{name}:{p:.6g}" for name, p in zip(f.cell_names, f.probabilities[0].tolist()))
+            # 12 significant digits: 1/3 must not lose ~1e-6 of mass per cell (the parse's sum tolerance), while 0.5
+            # and 0.75 stay readable.
+            cells = ",".join(f"{name}:{p:.12g}" for name, p in zip(f.cell_names, f.probabilities[0].tolist()))
             terms.append(f"{f.name}={cells}")
         return ";".join(terms)
 

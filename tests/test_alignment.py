@@ -156,6 +156,22 @@ def test_expected_ot_targets_errors(kwargs, match):
         expected_ot_targets(**arguments)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"probs": torch.tensor([[0.5, 0.5], [float("nan"), 0.5]])}, "`probs` must be finite"),
+        ({"probs": torch.tensor([[0.5, 0.5], [float("inf"), 0.0]])}, "`probs` must be finite"),
+        ({"target_probs": [float("nan"), float("nan")]}, "`target_probs` must be finite"),
+        ({"target_probs": [float("nan"), 1.0]}, "`target_probs` must be finite"),
+        ({"target_probs": [0.5, 0.500002]}, r"sum 1\.000002\)"),
+    ],
+)
+def test_expected_ot_targets_refuses_non_finite_values(kwargs, match):
+    arguments = {"probs": torch.full((2, 2), 0.5), "target_probs": [0.5, 0.5], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        expected_ot_targets(**arguments)
+
+
 def _manual_loss(logits, q, threshold):
     confidence, target = q.max(1)
     cross_entropy = torch.nn.functional.cross_entropy(logits, target, reduction="none")
@@ -336,3 +352,15 @@ def test_gather_with_a_wrong_process_index_is_refused():
     logits = {"gender": torch.randn(4, 2)}
     with pytest.raises(ValueError, match="process_index"):
         loss_fn(logits, gather=lambda t: t, process_index=1)
+
+
+def test_loss_on_non_finite_logits_gives_a_non_finite_gradient_not_an_error():
+    # `expected_ot_targets` refuses NaN, but inside the loss a diverged step must reach the training loop, which
+    # skips and reports a step whose gradient is not finite.
+    dal = DistributionalAlignmentLoss(TargetDistribution.from_string("hair=short,long"), confidence_threshold=0.6)
+    leaf = torch.randn(6, 2, requires_grad=True)
+    nan_row = torch.ones(6, 1)
+    nan_row[1] = float("nan")
+    loss, _ = dal({"hair": leaf * nan_row})
+    loss.backward()
+    assert not torch.isfinite(leaf.grad).all()

@@ -39,6 +39,22 @@ def test_bias_score_errors():
         bias_score([0.6, 0.6])
 
 
+@pytest.mark.parametrize(
+    "function, arguments, match",
+    [
+        (bias_score, ([float("nan"), float("nan")],), "`frequencies` must be finite"),
+        (bias_score, ([float("inf"), 0.0],), "`frequencies` must be finite"),
+        (deviation_from_target, ([0.5, 0.5], [float("nan"), 1.0]), "`target_probs` must be finite"),
+        (expected_bias, (4, [float("nan"), float("nan")]), "`probabilities` must be finite"),
+        (expected_deviation, (4, [0.5, float("nan")]), "`target_probs` must be finite"),
+        (bias_score, ([0.5, 0.500002],), r"sum 1\.000002\)"),
+    ],
+)
+def test_non_finite_probabilities_are_refused(function, arguments, match):
+    with pytest.raises(ValueError, match=match):
+        function(*arguments)
+
+
 def test_deviation_from_target_and_mean_std():
     assert deviation_from_target([0.5, 0.5], [0.75, 0.25]) == pytest.approx(0.25)
     assert deviation_from_target([0.75, 0.25], [0.75, 0.25]) == 0.0

@@ -93,6 +93,39 @@ def test_round_trips(tmp_path):
     torch.testing.assert_close(from_json.factors[1].probabilities, target.factors[1].probabilities)
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        TargetDistribution.from_string("a=x,y,z"),
+        TargetDistribution.from_string("a=v,w,x,y,z"),
+        TargetDistribution.from_string("a=1,2,3,4,5,6;b=1,2,3,4,5,6,7"),
+        TargetDistribution.from_string("a=x:0.1,y:0.2,z:0.7"),
+        TargetDistribution.product({"race": "uniform", "skin": ["a", "b", "c"]}),
+        TargetDistribution.from_string("skin=a,b,c;age|skin=young:0.75,old:0.25"),
+        TargetDistribution.from_string("skin=a,b,c;hair|skin=s,m,l"),
+    ],
+)
+def test_to_string_round_trips_any_probabilities(target):
+    again = TargetDistribution.from_string(target.to_string())
+    for a, b in zip(target.factors, again.factors, strict=True):
+        assert (a.name, a.classes, a.given_classes) == (b.name, b.classes, b.given_classes)
+        torch.testing.assert_close(a.probabilities, b.probabilities, rtol=0, atol=1e-9)
+
+
+def test_to_string_keeps_simple_values_and_sum_error_shows_digits():
+    assert TargetDistribution.from_string("age=young:0.75,old:0.25").to_string() == "age=young:0.75,old:0.25"
+    with pytest.raises(ValueError, match=r"they sum to 1\.000002\."):
+        TargetDistribution.from_string("gender=male:0.5,female:0.500002")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_target_probabilities_are_refused(value):
+    with pytest.raises(ValueError, match="Target 'gender' has negative or non-finite probabilities"):
+        TargetDistribution.from_string(f"gender=male:{value},female:0")
+    with pytest.raises(ValueError, match="Target 'g' has negative or non-finite probabilities"):
+        TargetDistribution([TargetFactor(("g",), (("a", "b"),), torch.tensor([[float(value), 0.0]]))])
+
+
 def test_uniform_constructor():
     joint = TargetDistribution.uniform(DEFAULT_ATTRIBUTES, joint=True)
     assert joint.factors[0].shape == (2, 4, 2)

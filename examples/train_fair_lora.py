@@ -13,9 +13,12 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import time
 import zlib
+from pathlib import Path
 
 import torch
 import yaml
@@ -101,6 +104,35 @@ GENERIC_DEFAULTS = {
     "lambda_img_nonface": 1.6,
     "lambda_img_face": 0.32,
 }
+
+
+def config_to_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """The `--config` file's keys as command-line flags (`key: null` keeps the flag's default)."""
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        kind = type(config).__name__
+        raise ValueError(f"`--config` {path!r} must hold a mapping of flag names to values, got a {kind}.")
+    actions = {action.dest: action for action in parser._actions if action.option_strings and action.dest != "config"}
+    unknown = sorted(set(config) - set(actions))
+    if unknown:
+        raise ValueError(f"`--config` {path!r} has unknown keys {unknown}; use the flags' names.")
+    argv = []
+    for key, value in config.items():
+        action, flag = actions[key], actions[key].option_strings[0]
+        if value is None:
+            continue
+        if action.nargs == 0:  # store_true
+            if not isinstance(value, bool):
+                raise ValueError(f"`--config` {path!r}: `{key}` is a switch; give true or false, got {value!r}.")
+            argv += [flag] if value else []
+        elif action.nargs in ("*", "+"):
+            argv += [flag, *(str(v) for v in (value if isinstance(value, list) else [value]))]
+        elif isinstance(value, (list, dict)):
+            raise ValueError(f"`--config` {path!r}: `{key}` takes one value, got {value!r}.")
+        else:
+            argv.append(f"{flag}={value}")
+    return argv
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -208,15 +240,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "`negative_prompt_embeds` from the base encoder.",
     )
 
-    config_args, _ = parser.parse_known_args(input_args)
+    argv = sys.argv[1:] if input_args is None else list(input_args)
+    config_args, _ = parser.parse_known_args(argv)
     if config_args.config:
-        with open(config_args.config, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
-        unknown = sorted(set(config) - set(vars(config_args)))
-        if unknown:
-            raise ValueError(f"`--config` {config_args.config!r} has unknown keys {unknown}; use the flags' names.")
-        parser.set_defaults(**config)
-    args = parser.parse_args(input_args)
+        # The file's keys become flags before the command line's, so argparse checks them (types, choices, lists)
+        # and a flag on the command line wins.
+        argv = config_to_argv(parser, config_args.config) + argv
+    args = parser.parse_args(argv)
+    if args.target is not None and args.target_config is not None:
+        raise ValueError("Pass the target once: `--target` or `--target_config`, not both.")
     if args.gradient == "naive" and args.gradient_scaling is not None:
         raise ValueError(
             "`--gradient_scaling` weights the steps of the biased gradient; `--gradient naive` is exact and has no "
@@ -225,7 +257,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     similarity_floor_given = args.selection_min_similarity is not None
     defaults = MINIATURE_DEFAULTS if args.pretrained_model_name_or_path == MINIATURE else GENERIC_DEFAULTS
     for key, value in defaults.items():
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (key == "target" and args.target_config is not None):
             setattr(args, key, value)
     if args.selection_min_similarity is not None and not args.semantics_encoders:
         if similarity_floor_given:
@@ -238,11 +270,24 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(
             f"`--selection_min_similarity` is a cosine similarity in [-1, 1], got {args.selection_min_similarity}."
         )
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(
+            f"`--checkpoints_total_limit` must be positive (or left out to keep every checkpoint), got "
+            f"{args.checkpoints_total_limit}."
+        )
     if args.max_train_steps < 1:
         raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
+    if args.num_inference_steps < 1:
+        raise ValueError(f"`--num_inference_steps` must be positive, got {args.num_inference_steps}.")
+    if not 0 <= args.num_inference_steps_jitter < args.num_inference_steps:
+        raise ValueError(
+            f"`--num_inference_steps_jitter` draws steps in [T - j, T + j] and must be in [0, T - 1] for T = "
+            f"`--num_inference_steps` {args.num_inference_steps}, got {args.num_inference_steps_jitter}."
+        )
     if args.validation_steps is None:
         args.validation_steps = args.max_train_steps
     for name in (
+        "gradient_accumulation_steps",
         "validation_steps",
         "num_validation_images",
         "checkpointing_steps",
@@ -304,7 +349,7 @@ def load_classifier(name: str, args):
 
 def load_target(args, classifier_attributes=None) -> TargetDistribution:
     if args.target_config:
-        return TargetDistribution.from_file(args.target_config)
+        return TargetDistribution.from_file(args.target_config, attributes=classifier_attributes)
     return TargetDistribution.from_string(args.target, attributes=classifier_attributes)
 
 
@@ -434,19 +479,18 @@ def main(input_args: list[str] | None = None) -> dict:
     if args.resume_from_checkpoint:
         path = args.resume_from_checkpoint
         if path == "latest":
-            checkpoints = sorted(
-                (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-"))
-                if os.path.isdir(args.output_dir)
-                else [],
-                key=lambda d: int(d.split("-")[1]),
-            )
+            checkpoints = list_checkpoints(args.output_dir)
             path = os.path.join(args.output_dir, checkpoints[-1]) if checkpoints else None
         if path is None:
             logger.info("No checkpoint to resume from; starting a new run.")
         else:
-            if not os.path.isdir(path):
-                raise ValueError(f"`--resume_from_checkpoint` {path!r} is not a checkpoint folder.")
-            global_step = int(os.path.basename(path.rstrip("/")).split("-")[1])
+            match = CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
+            if not os.path.isdir(path) or match is None:
+                raise ValueError(
+                    f"`--resume_from_checkpoint` {path!r} is not a checkpoint folder written by this script "
+                    "(`checkpoint-STEP` in `--output_dir`); give one of those, or 'latest'."
+                )
+            global_step = int(match.group(1))
             if global_step > args.max_train_steps:
                 raise ValueError(
                     f"`--resume_from_checkpoint` {path!r} is at step {global_step}, past `--max_train_steps` "
@@ -620,14 +664,16 @@ def main(input_args: list[str] | None = None) -> dict:
         copy = functools.partial(shutil.copyfile, os.path.join(args.output_dir, grid))
         atomic_write(os.path.join(args.output_dir, "validation_grid.png"), copy)
         atomic_write_json(os.path.join(args.output_dir, "evaluation.json"), evaluation)
-        write_model_card(args, target, weight_name, evaluation, len(eval_prompts), "validation_grid.png")
+        # The repo first, so that the card's loading code names the repo id the Hub gives it.
+        repo_id = create_hub_repo(args) if args.push_to_hub else None
+        write_model_card(args, target, weight_name, evaluation, len(eval_prompts), "validation_grid.png", repo_id)
         before = evaluation["before"]["summary"]
         for name, (mean, sd) in evaluation["after"]["summary"].items():
             start = f"{before[name][0]:.3f} ± {before[name][1]:.3f} -> " if name in before else ""
             end = f" (sampling floor {floor[name]:.3f})" if name in floor else ""
             logger.info(f"{name} on the eval prompts: {start}{mean:.3f} ± {sd:.3f}{end}")
-        if args.push_to_hub:
-            push_to_hub(args)
+        if repo_id is not None:
+            upload_to_hub(args, repo_id)
     accelerator.end_training()
     return evaluation
 
@@ -674,14 +720,35 @@ def evaluate(
     return {"per_prompt": rows, "summary": summarize_per_prompt(rows)}
 
 
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """The complete checkpoints in `output_dir`, oldest first (a save cut short leaves a `.partial` folder)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    found = [name for name in names if CHECKPOINT.fullmatch(name)]
+    return sorted(found, key=lambda name: int(CHECKPOINT.fullmatch(name).group(1)))
+
+
 def save_checkpoint(accelerator, args, step: int) -> None:
     if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        checkpoints = sorted(
-            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
-        )
+        checkpoints = list_checkpoints(args.output_dir)
         for old in checkpoints[: max(len(checkpoints) - args.checkpoints_total_limit + 1, 0)]:
             shutil.rmtree(os.path.join(args.output_dir, old))
-    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
+    # Written beside its final name, then renamed once every process has written its part: a kill mid-save leaves a
+    # `.partial` folder that `--resume_from_checkpoint latest` ignores, never a half-written checkpoint.
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    partial = final + ".partial"
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
 
 
 def write_validation_grid(adapters, eval_prompts, classifier, args, step: int, reference_cache=None) -> str:
@@ -705,7 +772,9 @@ def write_validation_grid(adapters, eval_prompts, classifier, args, step: int, r
     return path
 
 
-def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_prompts: int, grid: str) -> None:
+def write_model_card(
+    args, target, weight_name: str, evaluation: dict, num_eval_prompts: int, grid: str, repo_id: str | None = None
+) -> None:
     if args.pretrained_model_name_or_path == MINIATURE:
         load = "from diffusers_fair.miniature import load_pipeline\n\npipe = load_pipeline()\n"
     else:
@@ -713,9 +782,17 @@ def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_
             "from diffusers import StableDiffusionPipeline\n\n"
             f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
         )
-    adaptor = args.hub_model_id or args.output_dir
+    adaptor = repo_id or args.hub_model_id or args.output_dir
     example = 'image = pipe("a photo of the face of a doctor, a person").images[0]'
-    if weight_name.startswith("pytorch_lora"):
+    if weight_name.startswith("pytorch_lora") and args.frozen_unconditional:
+        usage = load + (
+            "# Trained with --frozen_unconditional: guidance's empty prompt comes from the base text encoder.\n"
+            'negative_prompt_embeds = pipe.encode_prompt("", pipe.device, 1, False)[0]  # before the adaptor\n'
+            f'pipe.load_lora_weights("{adaptor}")\n'
+            'image = pipe("a photo of the face of a doctor, a person", '
+            "negative_prompt_embeds=negative_prompt_embeds).images[0]"
+        )
+    elif weight_name.startswith("pytorch_lora"):
         usage = load + f'pipe.load_lora_weights("{adaptor}")\n' + example
     else:
         usage = load + (
@@ -727,13 +804,16 @@ def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_
         key: getattr(args, key)
         for key in (
             "finetune",
-            "rank",
+            "num_prefix_tokens" if args.finetune == "prompt_prefix" else "rank",
             "learning_rate",
             "max_train_steps",
             "train_batch_size",
             "images_per_prompt",
+            "resolution",
             "num_inference_steps",
+            "num_inference_steps_jitter",
             "guidance_scale",
+            "frozen_unconditional",
             "gradient",
             "gradient_scaling",
             "backprop_steps",
@@ -771,12 +851,15 @@ def write_model_card(args, target, weight_name: str, evaluation: dict, num_eval_
     atomic_write(os.path.join(args.output_dir, "README.md"), card.save)
 
 
-def push_to_hub(args) -> None:
-    from huggingface_hub import create_repo, upload_folder
+def create_hub_repo(args) -> str:
+    from huggingface_hub import create_repo
 
-    repo_id = create_repo(
-        args.hub_model_id or os.path.basename(args.output_dir), exist_ok=True, token=args.hub_token
-    ).repo_id
+    return create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token).repo_id
+
+
+def upload_to_hub(args, repo_id: str) -> None:
+    from huggingface_hub import upload_folder
+
     upload_folder(
         repo_id=repo_id,
         folder_path=args.output_dir,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -91,6 +92,19 @@ def test_frozen_unconditional_trains_and_evaluates_with_the_base_empty_prompt(tm
         return stock(prompt=prompts, negative_prompt_embeds=negative.repeat(len(prompts), 1, 1), **kwargs)
 
     assert_same_classes_as_the_script(adapted, evaluation)
+
+    # The card says so, and its loading code runs and draws the same images as the documented way above.
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "| frozen_unconditional | `True` |" in card.text
+    usage = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "negative_prompt_embeds=negative_prompt_embeds" in usage
+    scope = {}
+    exec(usage, scope)  # the card's own code, written by this run
+    prompt = "a photo of the face of a doctor, a person"
+    expected = adapted(prompt, generator=torch.Generator().manual_seed(0), output_type="np").images
+    drawn = scope["pipe"](prompt, negative_prompt_embeds=scope["negative_prompt_embeds"], output_type="np",
+                          generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert np.array_equal(drawn, expected)
 
 
 @pytest.mark.parametrize("flags, scaling", [([], "paper"), (["--gradient_scaling", "exact"], "exact")])
@@ -188,6 +202,10 @@ def test_resume_continues_exactly(selecting, tmp_path, eval_prompts, selection_p
         train.main(tiny_run(resumed, eval_prompts, *schedule))
     assert os.path.isdir(resumed / "checkpoint-2") and not os.path.exists(resumed / "pytorch_lora_weights.safetensors")
     monkeypatch.setattr(train, "save_checkpoint", original)
+    # What a kill during the next save leaves, and a folder of the user's: `latest` is still checkpoint-2.
+    (resumed / "checkpoint-4.partial").mkdir()
+    (resumed / "checkpoint-4.partial" / "adapter_state.safetensors").write_bytes(b"")
+    (resumed / "checkpoint-best").mkdir()
     train.main(tiny_run(resumed, eval_prompts, *schedule, "--resume_from_checkpoint", "latest"))
     a = load_file(whole / "pytorch_lora_weights.safetensors")
     b = load_file(resumed / "pytorch_lora_weights.safetensors")
@@ -224,17 +242,19 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
     )
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
     token = "hf_secret_token_123"
-    train.main(tiny_run(tmp_path, eval_prompts, "--push_to_hub", "--hub_model_id", "org/fair-miniature",
-                        "--hub_token", token, "--checkpointing_steps", "1"))  # fmt: skip
-    assert calls["create"][0] == "org/fair-miniature" and calls["create"][1]["token"] == token
+    # No --hub_model_id: the repo is named after the output folder, given with a trailing slash as shells complete it.
+    train.main(tiny_run(str(tmp_path) + os.sep, eval_prompts, "--push_to_hub", "--hub_token", token,
+                        "--checkpointing_steps", "1"))  # fmt: skip
+    assert calls["create"][0] == tmp_path.name and calls["create"][1]["token"] == token
     upload = calls["upload"]
-    assert upload["repo_id"] == "org/fair-miniature" and upload["folder_path"] == str(tmp_path)
+    assert upload["repo_id"] == "org/fair-miniature" and os.path.samefile(upload["folder_path"], tmp_path)
     assert "checkpoint-*" in upload["ignore_patterns"]
     for root, _, names in os.walk(tmp_path):
         for name in names:
             with open(os.path.join(root, name), "rb") as f:
                 assert token.encode() not in f.read(), f"token leaked into {name}"
     card = ModelCard.load(tmp_path / "README.md")
+    assert 'pipe.load_lora_weights("org/fair-miniature")' in card.text  # the Hub's repo id, not the local folder
     assert card.data.library_name == "diffusers" and "fairness" in card.data.tags
     assert card.data.base_model == "miniature"
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
@@ -276,11 +296,53 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
         (["--selection_min_similarity", "0.9", "--semantics_encoders"], "`--semantics_encoders`, which is empty"),
         (["--gradient", "naive", "--gradient_scaling", "exact"], "`--gradient_scaling` weights the steps of the"),
         (["--selection_prompts", "miniature-heldout"], "`--selection_prompts`.*shares 2 prompts with `--eval_"),
+        (["--gradient_accumulation_steps", "0"], "`--gradient_accumulation_steps` must be positive"),
+        (["--checkpoints_total_limit", "0"], "`--checkpoints_total_limit` must be positive"),
+        (["--num_inference_steps", "0"], "`--num_inference_steps` must be positive"),
+        (["--num_inference_steps_jitter", "3"], r"`--num_inference_steps_jitter`.*\[0, T - 1\].*got 3"),
+        (["--num_inference_steps_jitter", "-1"], r"`--num_inference_steps_jitter`.*got -1"),
+        (["--target", "hair=uniform", "--target_config", "TARGET_FILE"], "Pass the target once"),
+        (["--resume_from_checkpoint", "OUTPUT"], r"`--resume_from_checkpoint`.*not a checkpoint folder written by"),
     ],
 )
 def test_bad_flags_give_clear_errors(flags, message, tmp_path, eval_prompts):
+    (tmp_path / "target.yaml").write_text("hair: uniform\n")
+    flags = [str(tmp_path / "target.yaml") if f == "TARGET_FILE" else str(tmp_path) if f == "OUTPUT" else f
+             for f in flags]  # fmt: skip
     with pytest.raises(ValueError, match=message):
         train.main(tiny_run(tmp_path, eval_prompts) + flags)
+
+
+def test_target_config_is_read_with_the_classifier_classes(tmp_path):
+    (tmp_path / "target.yaml").write_text("hair: uniform\n")
+    args = train.parse_args(["--target_config", str(tmp_path / "target.yaml")])
+    assert args.target is None  # the miniature world's default target gives way to the file
+    target = train.load_target(args, load_classifier("train").attributes)
+    assert target.to_string() == "hair=short:0.5,long:0.5"
+
+
+def test_config_file_keys_are_checked_as_flags_and_the_command_line_wins(tmp_path, eval_prompts, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "semantics_encoders: miniature-clip\nvalidation_prompts: a doctor\nlearning_rate: 0.01\n"
+        "gradient_checkpointing: true\nrevision: null\n"
+    )
+    args = train.parse_args(tiny_run(tmp_path, eval_prompts, "--config", str(config), "--learning_rate", "0.02"))
+    assert args.semantics_encoders == ["miniature-clip"] and args.validation_prompts == ["a doctor"]
+    assert args.learning_rate == 0.02 and args.gradient_checkpointing and args.revision is None
+    config.write_text("finetune: bogus\n")
+    with pytest.raises(SystemExit):
+        train.parse_args(tiny_run(tmp_path, eval_prompts, "--config", str(config)))
+    assert "argument --finetune: invalid choice: 'bogus'" in capsys.readouterr().err
+    for text, message in [
+        ("gradient_checkpointing: 'yes'\n", "`gradient_checkpointing` is a switch"),
+        ("learning_rate: [0.1, 0.2]\n", "`learning_rate` takes one value"),
+        ("learnig_rate: 0.1\n", r"unknown keys \['learnig_rate'\]"),
+        ("- learning_rate\n", "must hold a mapping"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            train.parse_args(tiny_run(tmp_path, eval_prompts, "--config", str(config)))
 
 
 def test_the_miniature_similarity_floor_needs_its_encoders(tmp_path, eval_prompts):

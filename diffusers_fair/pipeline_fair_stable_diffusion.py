@@ -30,12 +30,12 @@ class FairStableDiffusionPipelineOutput(BaseOutput):
             The generated images; with a gradient, a `(B, 3, H, W)` tensor in `[0, 1]` (`output_type="pt"`) or the
             final latents (`output_type="latent"`), differentiable w.r.t. whatever requires grad.
         nsfw_content_detected (`list[bool]`, *optional*):
-            The safety checker's verdicts, `None` when it did not run.
+            The safety checker's verdicts on `images`, `None` when it did not run.
         latents (`torch.Tensor`):
             The final latents `z_0` of shape `(B, C, h, w)` (differentiable when a gradient was asked for).
         original_images (same type as `images`, *optional*):
             With `return_original=True`, the frozen model's images (adapters disabled) from the same initial noise,
-            never differentiable; otherwise `None`.
+            never differentiable, filtered by the same safety checker; otherwise `None`.
     """
 
     images: Any
@@ -229,6 +229,7 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
             callback_on_step_end,
             return_original,
             prompt,
+            prompt_embeds,
             original_prompt,
             original_prompt_embeds,
         )
@@ -327,6 +328,7 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
                     callback_on_step_end,
                     callback_on_step_end_tensor_inputs,
                     record_rows=rows,
+                    negative_prompt_embeds=negative_prompt_embeds,
                 )
             original_latents = None
             if fuse_originals:
@@ -390,7 +392,9 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
             original_images = None
             if original_latents is not None:
                 with torch.no_grad():
-                    original_images = self._decode_original(original_latents, output_type, generator)
+                    original_images = self._decode_original(
+                        original_latents, output_type, generator, device, prompt_embeds.dtype
+                    )
 
             # Offload all models
             self.maybe_free_model_hooks()
@@ -411,6 +415,7 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
         callback_on_step_end,
         return_original,
         prompt,
+        prompt_embeds,
         original_prompt,
         original_prompt_embeds,
     ):
@@ -436,6 +441,19 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
                 "`return_original=True` with `prompt_embeds` needs `original_prompt` or `original_prompt_embeds` to "
                 "know what the frozen model should be prompted with."
             )
+        if return_original and (original_prompt is not None or original_prompt_embeds is not None):
+            # The original images start from the same noise, so they need one original prompt per prompt.
+            num_prompts, num_originals = (
+                1 if isinstance(text, str) else len(text) if isinstance(text, list) else embeds.shape[0]
+                for text, embeds in ((prompt, prompt_embeds), (original_prompt, original_prompt_embeds))
+            )
+            if num_originals != num_prompts:
+                name = "original_prompt" if original_prompt is not None else "original_prompt_embeds"
+                main = "prompt" if prompt is not None else "prompt_embeds"
+                raise ValueError(
+                    f"`{name}` has {num_originals} prompt{'s' * (num_originals != 1)}, but it needs the same number "
+                    f"as `{main}` ({num_prompts})."
+                )
         if return_original and callback_on_step_end is not None:
             raise ValueError("`callback_on_step_end` is not supported together with `return_original=True`.")
         if gradient is None:
@@ -491,11 +509,14 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
         )
         return prompt_embeds, negative_prompt_embeds
 
-    def _decode_original(self, latents, output_type, generator):
+    def _decode_original(self, latents, output_type, generator, device, dtype):
         if output_type == "latent":
             return latents
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
+        # The same safety checker as the main images (none with a gradient); the output keeps the main images' flags.
+        image, has_nsfw_concept = self.run_safety_checker(image, device, dtype)
+        do_denormalize = [True] * len(image) if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
+        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
 
     def _denoise(
         self,
@@ -512,13 +533,14 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=(),
         record_rows=None,
+        negative_prompt_embeds=None,
     ):
         """The sampling loop for every gradient mode.
 
         `mode` is `None` (as the parent), `"naive"` (plain autograd), `"biased-autograd"` (detached U-Net inputs and
         gradient hooks, Algorithm 1) or `"biased-recompute"` (run it without a graph; it records the first
-        `record_rows` rows of every U-Net input for the backward). Returns the final latents, the recorded inputs (or
-        `None`) and the timesteps.
+        `record_rows` rows of every U-Net input for the backward). `negative_prompt_embeds` is only handed to
+        `callback_on_step_end`. Returns the final latents, the recorded inputs (or `None`) and the timesteps.
         """
         timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
         num_warmup_steps = len(timesteps) - num_inference_steps * scheduler.order
@@ -554,11 +576,18 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
                 latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {"latents": latents, "prompt_embeds": conditioning}
+                    # The parent's `_callback_tensor_inputs`. As there, `prompt_embeds` is the U-Net's conditioning
+                    # (negatives first under CFG), and a returned `negative_prompt_embeds` feeds later callbacks only.
+                    callback_kwargs = {
+                        "latents": latents,
+                        "prompt_embeds": conditioning,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
                     callback_kwargs = {k: callback_kwargs[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     conditioning = callback_outputs.pop("prompt_embeds", conditioning)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
                     progress_bar.update()

@@ -60,6 +60,38 @@ def test_no_gradient_equals_stable_diffusion_pipeline(guidance_scale, guidance_r
     assert len(pil) == 4 and pil[0].size == (16, 16)
 
 
+def test_callback_on_step_end_gets_and_applies_every_tensor_input_as_stable_diffusion_pipeline():
+    fair, stock = tiny_pipeline(), tiny_pipeline(StableDiffusionPipeline)
+    kwargs = {"prompt": PROMPTS, "negative_prompt": ["long hair", ""], "num_inference_steps": 3, "guidance_scale": 4.0}
+    kwargs.update(output_type="pt", callback_on_step_end_tensor_inputs=list(stock._callback_tensor_inputs))
+
+    def run(pipe):
+        seen = []
+
+        def callback(pipe, i, t, tensors):
+            seen.append({k: v.clone() for k, v in tensors.items()})
+            return {
+                "latents": tensors["latents"] * 0.9,
+                "prompt_embeds": tensors["prompt_embeds"] * 1.1,
+                "negative_prompt_embeds": tensors["negative_prompt_embeds"] + 1.0,
+            }
+
+        images = pipe(**kwargs, callback_on_step_end=callback, generator=torch.Generator().manual_seed(3)).images
+        return images, seen
+
+    (a, seen_fair), (b, seen_stock) = run(fair), run(stock)
+    assert torch.equal(a, b)
+    assert (
+        [sorted(s) for s in seen_fair]
+        == [sorted(s) for s in seen_stock]
+        == [sorted(stock._callback_tensor_inputs)] * 3
+    )
+    for s_fair, s_stock in zip(seen_fair, seen_stock):
+        assert all(torch.equal(s_fair[k], s_stock[k]) for k in s_stock)
+    # the returned `negative_prompt_embeds` is what the next step's callback receives
+    torch.testing.assert_close(seen_fair[1]["negative_prompt_embeds"], seen_fair[0]["negative_prompt_embeds"] + 1.0)
+
+
 @pytest.mark.parametrize("scaling", ["paper", "exact", "none"])
 @pytest.mark.parametrize("solver_order", [1, 2])
 @pytest.mark.parametrize("num_inference_steps", [2, 5, 20])
@@ -176,6 +208,37 @@ def test_return_original_with_unet_lora_and_original_prompt():
     pipe.enable_lora()
     torch.testing.assert_close(out.original_images, frozen, rtol=0, atol=1e-5)
     assert all(p.requires_grad for p in params)
+
+
+@pytest.mark.parametrize(
+    "inputs, match",
+    [
+        ({"prompt": PROMPTS, "original_prompt": "a person"}, r"`original_prompt` has 1 prompt.*`prompt` \(2\)"),
+        ({"prompt": "a doctor", "original_prompt": PROMPTS}, r"`original_prompt` has 2 prompts.*`prompt` \(1\)"),
+        (
+            {"prompt_embeds": torch.zeros(2, 77, 16), "original_prompt_embeds": torch.zeros(1, 77, 16)},
+            r"`original_prompt_embeds` has 1 prompt.*`prompt_embeds` \(2\)",
+        ),
+    ],
+)
+def test_return_original_refuses_a_batch_size_mismatch(inputs, match):
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match=match):
+        pipe(**inputs, num_inference_steps=2, output_type="pt", return_original=True)
+
+
+def test_return_original_goes_through_the_safety_checker(monkeypatch):
+    pipe = tiny_pipeline()
+
+    def black_out(image, device, dtype):
+        return torch.zeros_like(image), [True] * len(image)
+
+    monkeypatch.setattr(pipe, "run_safety_checker", black_out)
+    kwargs = {"prompt": PROMPTS, "num_inference_steps": 2, "output_type": "pt", "return_original": True}
+    out = pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    assert out.nsfw_content_detected == [True, True]
+    assert (out.images == 0).all()
+    assert out.original_images.shape == out.images.shape and (out.original_images == 0).all()
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():

@@ -58,7 +58,8 @@ def make_model_card(
     Returns:
         `huggingface_hub.ModelCard` (call `.save(path)` or push it).
     """
-    hidden = [key for key in settings if "token" in key.lower()]
+    # `hub_token`, `token`, `api_key`, ...; not `num_prefix_tokens`, a setting.
+    hidden = [key for key in settings if key.lower().endswith(("token", "key", "password", "secret"))]
     if hidden:
         raise ValueError(f"`settings` must not contain credentials, got {hidden}.")
     names = list(dict.fromkeys([*metrics_before, *metrics_after]))

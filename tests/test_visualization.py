@@ -45,3 +45,19 @@ def test_grid_rejects_mismatched_rows():
             [torch.rand(2, 3, 8, 8), torch.rand(3, 3, 8, 8)],
             [{"a": torch.full((2, 2), 0.5)}, {"a": torch.full((3, 2), 0.5)}],
         )
+
+
+def test_images_that_were_not_classified_get_empty_bars():
+    torch.manual_seed(0)
+    rows = [torch.rand(2, 3, 8, 8)]
+    probabilities = [{"hair": torch.tensor([[0.9, 0.1], [0.2, 0.8]])}]
+    grid = annotated_grid(rows, probabilities, included=[torch.tensor([False, True])])
+    bar_row = TILE + 2
+    assert (grid[bar_row, :TILE] == 225).all()  # no face: an empty bar, no class colour
+    assert (grid[bar_row, TILE + 4 : TILE + 4 + round(TILE * 0.8)] == _rgb(PALETTE[1])).all()
+    np.testing.assert_array_equal(
+        annotated_grid(rows, probabilities, included=[None]), annotated_grid(rows, probabilities)
+    )
+    assert not np.array_equal(grid, annotated_grid(rows, probabilities))
+    with pytest.raises(ValueError, match="`included` must have one entry per row"):
+        annotated_grid(rows, probabilities, included=[])

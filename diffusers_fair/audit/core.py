@@ -523,6 +523,8 @@ def run_audit(
         except ValueError as error:
             raise ValueError(f"`--target` {args.target!r}: {error}") from error
     config = _config_from_args(args, prompts, attributes, device)
+    if config.face_crop_size is not None and config.face_detector is None:
+        raise ValueError("`--face-crop-size` sizes the crops of `--face-detector`: add a detector or drop it.")
     if config.dino and not config.compare_base:
         raise ValueError("`--dino` measures each LoRA's images against the base model's: add --compare-base.")
     dtype = getattr(torch, config.dtype)

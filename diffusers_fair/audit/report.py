@@ -341,12 +341,14 @@ def write_grids(report: dict, output: str, config, grid_images: int) -> list[str
     count = min(grid_images, config.num_images_per_prompt)
     paths = []
     for index, prompt in enumerate(config.prompts):
-        rows, probabilities = [], []
+        rows, probabilities, included = [], [], []
         for model in report["models"]:
             record = load_record(output, model, index, prompt)
             rows.append(load_images(output, model, index, count))
             probabilities.append({a: record[f"probabilities/{a}"][:count] for a in config.attributes})
-        grid = annotated_grid(rows, probabilities)
+            # Images without a face are excluded from the numbers: no bars for them.
+            included.append(record["has_face"][:count] if "has_face" in record else None)
+        grid = annotated_grid(rows, probabilities, included)
         name = f"grids/{index:05d}.png"
         Image.fromarray(grid).save(os.path.join(output, name))
         paths.append(name)

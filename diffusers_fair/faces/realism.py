@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils import logging
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..utils import atomic_save_file
 from .crops import DEFAULT_MARGIN, crop_faces
 from .detection import FaceDetector
 
@@ -65,7 +65,7 @@ class FaceBank:
             "files": json.dumps(self.files),
             "format": "diffusers-fair-face-bank/1",
         }
-        save_file({"embeddings": self.embeddings.detach().float().contiguous().cpu()}, str(path), metadata=metadata)
+        atomic_save_file({"embeddings": self.embeddings.detach().float().contiguous().cpu()}, path, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FaceBank":

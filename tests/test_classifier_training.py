@@ -119,6 +119,22 @@ def test_train_on_a_fairface_layout_folder_and_reload(tmp_path):
     assert {k: tuple(v.shape) for k, v in logits.items()} == {"gender": (2, 2), "race": (2, 4), "age": (2, 2)}
 
 
+def test_images_are_read_per_batch_not_all_at_once(tmp_path, monkeypatch):
+    from diffusers_fair.classifiers import train
+
+    write_fairface_folder(tmp_path / "data", n=40)
+    tiny_dino_model(image_size=32).save_pretrained(tmp_path / "encoder")
+    reads = []
+    original = train.load_image
+    monkeypatch.setattr(train, "load_image", lambda path, resolution: reads.append(path) or original(path, resolution))
+    main(parse_args([
+        "--pretrained_model_name_or_path", str(tmp_path / "encoder"), "--data", str(tmp_path / "data"),
+        "--labels", str(tmp_path / "data" / "labels.csv"), "--output", str(tmp_path / "classifier"),
+        "--train_batch_size", "4", "--max_train_steps", "2", "--validation_fraction", "0.1",
+    ]))  # fmt: skip
+    assert len(reads) == 2 * 4 + 4  # two training batches and the 4 validation images, not the 40 rows up front
+
+
 def test_bad_arguments():
     base = ["--pretrained_model_name_or_path", "x", "--data", "d", "--labels", "l", "--output_dir", "o"]
     with pytest.raises(ValueError, match="`--attributes` must be a comma-separated subset"):

@@ -254,6 +254,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             "`--gradient_scaling` weights the steps of the biased gradient; `--gradient naive` is exact and has no "
             "step weights. Drop one of the two flags."
         )
+    if args.pretrained_model_name_or_path == MINIATURE and (args.revision or args.variant):
+        raise ValueError(
+            "`--revision` and `--variant` choose files of a Hub repo or folder; the miniature world is shipped in the "
+            "package. Drop them or give `--pretrained_model_name_or_path`."
+        )
     similarity_floor_given = args.selection_min_similarity is not None
     defaults = MINIATURE_DEFAULTS if args.pretrained_model_name_or_path == MINIATURE else GENERIC_DEFAULTS
     for key, value in defaults.items():

@@ -312,6 +312,7 @@ def test_model_card_and_push_to_hub(tmp_path, eval_prompts, monkeypatch):
         (["--rank", "0"], "`--rank` must be positive"),
         (["--num_prefix_tokens", "0"], "`--num_prefix_tokens` must be positive"),
         (["--report_to", "all", "--hub_token", "x"], "hub_token"),
+        (["--variant", "fp16"], "`--revision` and `--variant` choose files of a Hub repo"),
     ],
 )
 def test_bad_flags_give_clear_errors(flags, message, tmp_path, eval_prompts):

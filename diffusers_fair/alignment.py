@@ -59,6 +59,19 @@ def _largest_remainder_counts(n: int, target: np.ndarray) -> np.ndarray:
     return counts
 
 
+def _average_ties(probs: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Each group of identical probability rows gets its mean target row.
+
+    Tied rows make the optimal transport ambiguous (the solver breaks ties by position); the mean over the tied rows is
+    the expectation under uniformly random tie-breaking, and keeps the targets permutation-equivariant.
+    """
+    _, inverse = np.unique(probs, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    sums = np.zeros((inverse.max() + 1, q.shape[1]))
+    np.add.at(sums, inverse, q)
+    return (sums / np.bincount(inverse)[:, None])[inverse]
+
+
 def _exact_two_classes(probs: np.ndarray, target: np.ndarray) -> np.ndarray:
     # For K = 2 the cost |p_i - e_0|_2 = sqrt(2) (1 - p_i0) is linear in p_i0, so with n_0 slots of class 0 every
     # optimal transport gives class 0 to the n_0 images of largest p_i0. The image of rank r (0-based, descending)
@@ -67,11 +80,6 @@ def _exact_two_classes(probs: np.ndarray, target: np.ndarray) -> np.ndarray:
     order = np.argsort(-probs[:, 0], kind="stable")
     q0 = np.empty(n)
     q0[order] = binom.sf(np.arange(n), n, target[0])
-    # Tied probabilities make the optimal transport ambiguous; averaging over the tied ranks is the expectation under
-    # uniformly random tie-breaking, and keeps the result permutation-equivariant.
-    _, inverse = np.unique(probs[:, 0], return_inverse=True)
-    q0 = np.bincount(inverse, weights=q0) / np.bincount(inverse)
-    q0 = q0[inverse]
     return np.stack([q0, 1.0 - q0], axis=1)
 
 
@@ -130,6 +138,8 @@ def expected_ot_targets(
             `scipy.optimize.linear_sum_assignment`. `"fixed"`: the paper's fixed-sample variant, a single transport
             onto the counts `round(N * target_probs)` (one-hot rows; a stronger finite-sample objective).
             `"auto"`: exact when `K = 2` or there are at most 10,000 count vectors, Monte Carlo otherwise.
+            Except for `"fixed"`, identical rows of `probs` get identical targets (their mean: the expectation under
+            random tie-breaking), so the result does not depend on the images' order.
         num_samples (`int`, *optional*, defaults to 100):
             Number of sampled count vectors for `"monte_carlo"`.
         generator (`torch.Generator` or `int`, *optional*):
@@ -206,6 +216,8 @@ def expected_ot_targets(
         for count, times in zip(unique, multiplicity):
             sub_q[rows, _assign(costs, count)] += times
         sub_q /= num_samples
+    if method != "fixed":
+        sub_q = _average_ties(p, sub_q)
     q[:, support] = sub_q
     return torch.as_tensor(q, dtype=out_dtype, device=probs_t.device)
 

@@ -100,6 +100,23 @@ def test_rows_are_distributions_and_permutation_equivariant(method):
     torch.testing.assert_close(q_perm, q[perm])
 
 
+@pytest.mark.parametrize("method", ["exact", "monte_carlo"])
+def test_ties_get_the_same_targets_for_any_number_of_classes(method):
+    # Four identical images: which of them the transport sends where is the solver's arbitrary tie-break, so each
+    # must get the mean (the same row), not a confident target of its own (0.91 for one, 0.10 for another before).
+    probs = torch.tensor([[1.0, 0.0, 0.0]] * 4 + [[0.1, 0.1, 0.8]], dtype=torch.float64)
+    target = [1 / 3, 1 / 3, 1 / 3]
+    q = expected_ot_targets(probs, target, method=method, generator=0)
+    for i in range(1, 4):
+        torch.testing.assert_close(q[i], q[0])
+    perm = torch.tensor([4, 2, 0, 3, 1])
+    torch.testing.assert_close(expected_ot_targets(probs[perm], target, method=method, generator=0), q[perm])
+    if method == "exact":  # the tied rows share the brute force's total mass
+        expected = _brute_force_targets(probs.numpy(), target)
+        torch.testing.assert_close(q[:4].sum(0).numpy(), expected[:4].sum(0), atol=1e-9, rtol=0)
+        torch.testing.assert_close(q[4].numpy(), expected[4], atol=1e-9, rtol=0)
+
+
 def test_two_class_ties_are_averaged():
     probs = torch.tensor([[0.6, 0.4]] * 3 + [[0.2, 0.8]])
     q = expected_ot_targets(probs, [0.5, 0.5])

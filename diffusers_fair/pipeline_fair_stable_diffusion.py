@@ -224,6 +224,7 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
             gradient,
             biased_gradient_impl,
             backprop_steps,
+            None if timesteps is not None or sigmas is not None else num_inference_steps,
             recompute_chunk_size,
             output_type,
             callback_on_step_end,
@@ -410,6 +411,7 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
         gradient,
         biased_gradient_impl,
         backprop_steps,
+        num_inference_steps,
         recompute_chunk_size,
         output_type,
         callback_on_step_end,
@@ -425,10 +427,19 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
             raise ValueError(
                 f"`biased_gradient_impl` must be one of {BIASED_GRADIENT_IMPLS}, got {biased_gradient_impl!r}."
             )
-        if not isinstance(recompute_chunk_size, int) or recompute_chunk_size < 1:
+
+        def is_count(value) -> bool:  # bool is an int subclass, but `True` is not a count
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        if not is_count(recompute_chunk_size):
             raise ValueError(f"`recompute_chunk_size` must be a positive integer, got {recompute_chunk_size!r}.")
-        if backprop_steps is not None and (not isinstance(backprop_steps, int) or backprop_steps < 1):
+        if backprop_steps is not None and not is_count(backprop_steps):
             raise ValueError(f"`backprop_steps` must be a positive integer, got {backprop_steps!r}.")
+        # Checked again once the schedule is known (custom `timesteps` / `sigmas`); here before any sampling.
+        if backprop_steps is not None and num_inference_steps is not None and backprop_steps > num_inference_steps:
+            raise ValueError(
+                f"`backprop_steps` ({backprop_steps}) must be at most `num_inference_steps` ({num_inference_steps})."
+            )
         if backprop_steps is not None and (gradient != "biased" or biased_gradient_impl != "recompute"):
             raise ValueError(
                 "`backprop_steps` needs `gradient='biased'` with `biased_gradient_impl='recompute'` (the memory-flat "

@@ -310,12 +310,17 @@ def test_errors():
         pipe(**kwargs, gradient="biased", output_type="pt", biased_gradient_impl="hooks")
     with pytest.raises(ValueError, match="backprop_steps"):
         pipe(**kwargs, gradient="biased", output_type="pt", biased_gradient_impl="autograd", backprop_steps=1)
-    with pytest.raises(ValueError, match="backprop_steps"):
+    unet_calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *a: unet_calls.append(1))
+    with pytest.raises(ValueError, match=r"`backprop_steps` \(3\) must be at most `num_inference_steps` \(2\)"):
         pipe(**kwargs, gradient="biased", output_type="pt", backprop_steps=3)
-    with pytest.raises(ValueError, match="backprop_steps"):
-        pipe(**kwargs, gradient="biased", output_type="pt", backprop_steps=0)
-    with pytest.raises(ValueError, match="recompute_chunk_size"):
-        pipe(**kwargs, gradient="biased", output_type="pt", recompute_chunk_size=0)
+    assert not unet_calls  # refused before sampling, not after
+    hook.remove()
+    for bad in (0, True):  # `True` is an int, not a count
+        with pytest.raises(ValueError, match="backprop_steps"):
+            pipe(**kwargs, gradient="biased", output_type="pt", backprop_steps=bad)
+        with pytest.raises(ValueError, match="recompute_chunk_size"):
+            pipe(**kwargs, gradient="biased", output_type="pt", recompute_chunk_size=bad)
     with pytest.raises(ValueError, match="callback_on_step_end"):
         pipe(**kwargs, gradient="naive", output_type="pt", callback_on_step_end=lambda *a: {})
     with pytest.raises(ValueError, match="original_prompt"):

@@ -101,5 +101,7 @@ def test_errors():
         BiasedGradientScheduler(thresholding=True)
     with pytest.raises(ValueError, match="thresholding"):
         BiasedGradientScheduler.from_config(DPMSolverMultistepScheduler(thresholding=True).config)
+    with pytest.raises(ValueError, match="thresholding"):  # positionally: the parent's 8th parameter
+        BiasedGradientScheduler(1000, 0.0001, 0.02, "linear", None, 2, "epsilon", True)
     with pytest.raises(ValueError, match="gradient_scaling"):
         BiasedGradientScheduler(gradient_scaling="paperish")

@@ -388,7 +388,9 @@ class DistributionalAlignmentLoss(nn.Module):
         device = logits[next(iter(attributes))].device
         if mask is None:
             mask = torch.ones(n, dtype=torch.bool, device=device)
-        mask = torch.as_tensor(mask, device=device).to(torch.bool)
+        mask = torch.as_tensor(mask, device=device)
+        if mask.dtype != torch.bool:  # a float mask of face scores would silently count 0.2 as a face
+            raise ValueError(f"`mask` must be a boolean tensor (True: the image counts), got dtype {mask.dtype}.")
         if mask.shape != (n,):
             raise ValueError(f"`mask` must have shape (N,) = ({n},), got {tuple(mask.shape)}.")
 

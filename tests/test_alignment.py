@@ -321,7 +321,9 @@ def test_dal_errors():
     with pytest.raises(ValueError, match=r"must have shape \(N, 2\)"):
         loss_fn({"gender": torch.zeros(4, 2), "age": torch.zeros(3, 2)})
     with pytest.raises(ValueError, match="`mask` must have shape"):
-        loss_fn({"gender": torch.zeros(4, 2), "age": torch.zeros(4, 2)}, mask=torch.ones(5))
+        loss_fn({"gender": torch.zeros(4, 2), "age": torch.zeros(4, 2)}, mask=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="`mask` must be a boolean tensor"):  # face scores are not a mask
+        loss_fn({"gender": torch.zeros(4, 2), "age": torch.zeros(4, 2)}, mask=torch.tensor([0.2, 0.0, 0.9, 0.0]))
 
 
 @pytest.mark.parametrize("spec", ["gender=uniform", "gender,race=uniform;age|gender,race=young:0.75,old:0.25"])

@@ -447,6 +447,11 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
             )
         if original_prompt is not None and original_prompt_embeds is not None:
             raise ValueError("Pass either `original_prompt` or `original_prompt_embeds`, not both.")
+        if not return_original and (original_prompt is not None or original_prompt_embeds is not None):
+            raise ValueError(
+                "`original_prompt` / `original_prompt_embeds` prompt the frozen model's `original_images`, which only "
+                "`return_original=True` draws; pass it, or drop them."
+            )
         if return_original and prompt is None and original_prompt is None and original_prompt_embeds is None:
             raise ValueError(
                 "`return_original=True` with `prompt_embeds` needs `original_prompt` or `original_prompt_embeds` to "

@@ -325,6 +325,8 @@ def test_errors():
         pipe(**kwargs, gradient="naive", output_type="pt", callback_on_step_end=lambda *a: {})
     with pytest.raises(ValueError, match="original_prompt"):
         pipe(prompt_embeds=torch.zeros(1, 77, 16), num_inference_steps=2, return_original=True)
+    with pytest.raises(ValueError, match="only `return_original=True` draws"):
+        pipe(**kwargs, original_prompt="a person")
     with pytest.raises(ValueError, match="safety checker"):
         components = tiny_components()
         components["safety_checker"] = torch.nn.Identity()

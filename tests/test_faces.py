@@ -275,6 +275,13 @@ def test_build_face_bank_round_trips_and_refuses_another_embedder(tmp_path, dete
     bank = build_face_bank(tmp_path / "faces", embedder, detector, output=path, crop_size=32, progress=False)
     assert bank.files == ["a.png", "b.png", "c.jpg"] and bank.embeddings.shape == (3, 8)
     torch.testing.assert_close(bank.embeddings.norm(dim=1), torch.ones(3))
+    # Embedded as the faces come, `batch_size` at a time (not every crop held until the end), to the same bank.
+    sizes = []
+    hook = embedder.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    small = build_face_bank(tmp_path / "faces", embedder, detector, crop_size=32, batch_size=2, progress=False)
+    hook.remove()
+    assert sizes == [2, 1]
+    torch.testing.assert_close(small.embeddings, bank.embeddings)
     loaded = FaceBank.load(path)
     torch.testing.assert_close(loaded.embeddings, bank.embeddings)
     assert (loaded.embedder, loaded.crop_size, loaded.margin, loaded.files) == (

@@ -483,14 +483,21 @@ def main(input_args: list[str] | None = None) -> dict:
     # Only the adaptor (and the selected one's state) goes into checkpoints (safetensors), next to Accelerate's
     # optimizer / scheduler / RNG state. Every process holds the same adaptor; one writes it (two writers would share
     # its temporary file).
+    skipped_steps = []  # steps whose gradient was not finite (reported in evaluation.json and the card)
+
     def save_state(models, weights, folder):
         if accelerator.is_main_process:
             adapters.save_state(folder)
+            atomic_write_json(os.path.join(folder, "skipped_steps.json"), skipped_steps)
             if selection is not None:
                 selection.save(folder)
 
     def load_state(models, folder):
         adapters.load_state(folder)
+        path = os.path.join(folder, "skipped_steps.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                skipped_steps[:] = json.load(f)
         if selection is not None:
             selection.load(folder)
 
@@ -643,6 +650,7 @@ def main(input_args: list[str] | None = None) -> dict:
         else:
             logger.warning(f"Step {global_step + 1}: the gradient is not finite; the update is skipped.")
             logs["skipped_steps"] = 1.0
+            skipped_steps.append(global_step + 1)
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
         logs.update(lr=lr_scheduler.get_last_lr()[0], step_time=time.perf_counter() - start)
@@ -686,6 +694,12 @@ def main(input_args: list[str] | None = None) -> dict:
                 f"No step's selection similarity reached --selection_min_similarity {selection.min_similarity}; "
                 f"keeping the most similar one, step {selection.selected_step}."
             )
+    evaluation["skipped_steps"] = list(skipped_steps)
+    if skipped_steps:
+        logger.warning(
+            f"{len(skipped_steps)} of {args.max_train_steps} steps were skipped (gradient not finite): steps "
+            f"{skipped_steps}. They are listed in evaluation.json and the model card."
+        )
     evaluation["after"] = run_evaluation(True)
     evaluation["sampling_floor"] = {k: v for k, v in floor.items() if k in evaluation["after"]["summary"]}
     accelerator.wait_for_everyone()
@@ -858,6 +872,8 @@ def write_model_card(
             "seed",
         )
     }
+    if evaluation.get("skipped_steps"):
+        settings["skipped_steps (gradient not finite)"] = evaluation["skipped_steps"]
     if "selection" in evaluation:
         settings["selection_prompts"] = args.selection_prompts
         settings["selection_min_similarity"] = args.selection_min_similarity

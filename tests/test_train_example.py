@@ -53,7 +53,8 @@ def assert_same_classes_as_the_script(adapted, evaluation):
 @pytest.mark.parametrize("finetune", ["text_encoder_lora", "unet_lora", "text_encoder_and_unet_lora", "prompt_prefix"])
 def test_two_steps_per_mode_write_an_adaptor_stock_diffusers_reproduces(finetune, tmp_path, eval_prompts):
     evaluation = train.main(tiny_run(tmp_path, eval_prompts, "--finetune", finetune))
-    assert set(evaluation) == {"before", "after", "sampling_floor"}
+    assert set(evaluation) == {"before", "after", "sampling_floor", "skipped_steps"}
+    assert evaluation["skipped_steps"] == []
     assert "bias/hair" in evaluation["after"]["summary"] and "context_kept" in evaluation["after"]["summary"]
     weight_name = "learned_embeds.safetensors" if finetune == "prompt_prefix" else "pytorch_lora_weights.safetensors"
     assert {weight_name, "README.md", "evaluation.json", "evaluation_before.json"} <= set(os.listdir(tmp_path))
@@ -439,10 +440,13 @@ def test_a_step_whose_gradient_is_not_finite_is_skipped_and_reported(tmp_path, e
 
     monkeypatch.setattr(train.FairFinetuningObjective, "forward", nan_on_the_first_call)
     caplog.set_level("WARNING")
-    train.main(tiny_run(tmp_path, eval_prompts))  # two steps of one prompt
-    assert len(calls) == 2
+    evaluation = train.main(tiny_run(tmp_path, eval_prompts))  # two steps of one prompt
+    assert len(calls) == 2 and evaluation["skipped_steps"] == [1]
+    assert "| skipped_steps (gradient not finite) | `[1]` |" in (tmp_path / "README.md").read_text()
     warnings = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
-    assert len(warnings) == 1 and warnings[0].endswith("Step 1: the gradient is not finite; the update is skipped.")
+    assert len(warnings) == 2 and warnings[0].endswith("Step 1: the gradient is not finite; the update is skipped.")
+    assert warnings[1].endswith("1 of 2 steps were skipped (gradient not finite): steps [1]. They are listed in "
+                                "evaluation.json and the model card.")  # fmt: skip
     weights = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     assert all(w.isfinite().all() for w in weights.values())
     assert all(w.abs().sum() > 0 for k, w in weights.items() if k.endswith("up.weight"))  # step 2 trained

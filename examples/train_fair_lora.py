@@ -130,6 +130,11 @@ def config_to_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
             argv += [flag, *(str(v) for v in (value if isinstance(value, list) else [value]))]
         elif isinstance(value, (list, dict)):
             raise ValueError(f"`--config` {path!r}: `{key}` takes one value, got {value!r}.")
+        elif isinstance(value, bool):  # YAML reads an unquoted no / yes / on / off as a boolean
+            raise ValueError(
+                f"`--config` {path!r}: `{key}` is not a switch but got the boolean {value}; quote the value "
+                f'(e.g. `{key}: "no"`).'
+            )
         else:
             argv.append(f"{flag}={value}")
     return argv

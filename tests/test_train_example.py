@@ -348,6 +348,7 @@ def test_config_file_keys_are_checked_as_flags_and_the_command_line_wins(tmp_pat
     for text, message in [
         ("gradient_checkpointing: 'yes'\n", "`gradient_checkpointing` is a switch"),
         ("learning_rate: [0.1, 0.2]\n", "`learning_rate` takes one value"),
+        ("mixed_precision: no\n", r"`mixed_precision` is not a switch but got the boolean False; quote the value"),
         ("learnig_rate: 0.1\n", r"unknown keys \['learnig_rate'\]"),
         ("- learning_rate\n", "must hold a mapping"),
     ]:

@@ -289,6 +289,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--max_train_steps` must be positive, got {args.max_train_steps}.")
     if args.num_inference_steps < 1:
         raise ValueError(f"`--num_inference_steps` must be positive, got {args.num_inference_steps}.")
+    if not 0 <= args.num_inference_steps_jitter < args.num_inference_steps:
+        raise ValueError(
+            f"`--num_inference_steps_jitter` draws steps in [T - j, T + j] and must be in [0, T - 1] for T = "
+            f"`--num_inference_steps` {args.num_inference_steps}, got {args.num_inference_steps_jitter}."
+        )
     if args.backprop_steps is not None:
         if args.gradient != "biased":
             raise ValueError(
@@ -308,11 +313,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"`--{name}` must be positive, got {value}.")
     if args.lr_warmup_steps < 0:
         raise ValueError(f"`--lr_warmup_steps` must be zero or positive, got {args.lr_warmup_steps}.")
-    if not 0 <= args.num_inference_steps_jitter < args.num_inference_steps:
-        raise ValueError(
-            f"`--num_inference_steps_jitter` draws steps in [T - j, T + j] and must be in [0, T - 1] for T = "
-            f"`--num_inference_steps` {args.num_inference_steps}, got {args.num_inference_steps_jitter}."
-        )
     if args.validation_steps is None:
         args.validation_steps = args.max_train_steps
     for name in (

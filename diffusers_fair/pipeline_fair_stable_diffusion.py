@@ -375,26 +375,15 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
                 unet_params = [p for p in self.unet.parameters() if p.requires_grad]
                 latents = _BiasedGradientFunction.apply(trajectory, latents, torch.cat(conditioning), *unet_params)
 
-            # 8. Decode
-            has_nsfw_concept = None
-            if output_type == "latent":
-                image = latents
-            else:
-                image = self.vae.decode(
-                    latents / self.vae.config.scaling_factor, return_dict=False, generator=generator
-                )[0]
-                if gradient is None:
-                    image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
-                do_denormalize = (
-                    [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
-                )
-                image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
-
+            # 8. Decode (with a gradient there is no safety checker: it is refused above, and it is not differentiable)
+            image, has_nsfw_concept = self._decode(
+                latents, output_type, generator, device, prompt_embeds.dtype, safety_check=gradient is None
+            )
             original_images = None
             if original_latents is not None:
-                with torch.no_grad():
-                    original_images = self._decode_original(
-                        original_latents, output_type, generator, device, prompt_embeds.dtype
+                with torch.no_grad():  # the same safety checker; the output keeps the main images' flags
+                    original_images, _ = self._decode(
+                        original_latents, output_type, generator, device, prompt_embeds.dtype, safety_check=True
                     )
 
             # Offload all models
@@ -525,14 +514,17 @@ class FairStableDiffusionPipeline(StableDiffusionPipeline):
         )
         return prompt_embeds, negative_prompt_embeds
 
-    def _decode_original(self, latents, output_type, generator, device, dtype):
+    def _decode(self, latents, output_type, generator, device, dtype, safety_check: bool):
+        """The parent's decode, safety check and post-processing; returns `(images, nsfw flags or None)`."""
         if output_type == "latent":
-            return latents
+            return latents, None
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-        # The same safety checker as the main images (none with a gradient); the output keeps the main images' flags.
-        image, has_nsfw_concept = self.run_safety_checker(image, device, dtype)
-        do_denormalize = [True] * len(image) if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
-        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        has_nsfw_concept = None
+        if safety_check:
+            image, has_nsfw_concept = self.run_safety_checker(image, device, dtype)
+        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        return image, has_nsfw_concept
 
     def _denoise(
         self,

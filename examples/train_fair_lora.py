@@ -833,23 +833,22 @@ def write_model_card(
             f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
         )
     adaptor = repo_id or args.hub_model_id or args.output_dir
-    example = 'image = pipe("a photo of the face of a doctor, a person").images[0]'
-    if weight_name.startswith("pytorch_lora") and args.frozen_unconditional:
+    prompt = "a photo of the face of a doctor, a person"
+    if not weight_name.startswith("pytorch_lora"):
+        usage = load + (
+            f'pipe.load_textual_inversion("{adaptor}", weight_name="{weight_name}")\n'
+            "# every prompt starts with the learned token\n"
+            f'image = pipe("<fair> {prompt}").images[0]'
+        )
+    elif args.frozen_unconditional:
         usage = load + (
             "# Trained with --frozen_unconditional: guidance's empty prompt comes from the base text encoder.\n"
             'negative_prompt_embeds = pipe.encode_prompt("", pipe.device, 1, False)[0]  # before the adaptor\n'
             f'pipe.load_lora_weights("{adaptor}")\n'
-            'image = pipe("a photo of the face of a doctor, a person", '
-            "negative_prompt_embeds=negative_prompt_embeds).images[0]"
+            f'image = pipe("{prompt}", negative_prompt_embeds=negative_prompt_embeds).images[0]'
         )
-    elif weight_name.startswith("pytorch_lora"):
-        usage = load + f'pipe.load_lora_weights("{adaptor}")\n' + example
     else:
-        usage = load + (
-            f'pipe.load_textual_inversion("{adaptor}", weight_name="{weight_name}")\n'
-            "# every prompt starts with the learned token\n"
-            'image = pipe("<fair> a photo of the face of a doctor, a person").images[0]'
-        )
+        usage = load + f'pipe.load_lora_weights("{adaptor}")\nimage = pipe("{prompt}").images[0]'
     settings = {
         key: getattr(args, key)
         for key in (

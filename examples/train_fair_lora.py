@@ -903,12 +903,14 @@ def write_model_card(
 
 
 def create_hub_repo(args) -> str:
+    """Creates (or reuses) the Hub repo: `--hub_model_id`, else the output folder's name; returns the repo id."""
     from huggingface_hub import create_repo
 
     return create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token).repo_id
 
 
 def upload_to_hub(args, repo_id: str) -> None:
+    """Uploads `--output_dir` to `repo_id`, without checkpoints, logs or temporary files."""
     from huggingface_hub import upload_folder
 
     upload_folder(
